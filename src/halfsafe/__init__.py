@@ -1,0 +1,9 @@
+"""halfsafe: make large-language-model generation numerically safe in float16."""
+
+__version__ = "0.1.0"
+
+from .diagnosing import Diagnosis, diagnose  # noqa: E402
+from .errors import HalfsafeError  # noqa: E402
+from .loading import LoadedModel, load_model  # noqa: E402
+
+__all__ = ["Diagnosis", "HalfsafeError", "LoadedModel", "diagnose", "load_model", "__version__"]

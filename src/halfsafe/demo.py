@@ -1,0 +1,57 @@
+"""`halfsafe demo`: the float16 failure on a real model, then its diagnosis.
+
+The model is Google's gemma-3-270m base, shipped on PyPI as GGUF Q4_K_M; its residual stream
+reaches about 1e5 in fp32, past float16's 65,504.
+"""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+from rich.rule import Rule
+
+from .loading import DEMO, cache_root
+from .precision import cast_temporarily
+from .prompts import bundled_prompts
+from .reporting import check_output_path, plot_diagnosis, render_diagnosis
+from .session import diagnose_with_progress, load_for_cli
+
+PROMPT = "上海有个非常出名的地方，"  # the prompt of a widely shared Qwen float16 failure report
+
+
+def run_demo(*, plot: str | None = None, device: str = "auto") -> int:
+    plot_path = check_output_path(plot, "plot") if plot else None
+    console = Console()
+    loaded = load_for_cli(DEMO, console, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    console.print(Rule(f"{loaded.name} in float16"))
+    batch = tokenizer(PROMPT, return_tensors="pt").to(model.device)
+    generation = dict(max_new_tokens=16, pad_token_id=tokenizer.pad_token_id)
+
+    with cast_temporarily(model, torch.float16), torch.inference_mode():
+        console.print(f"1. sampling (temperature 0.8) from {PROMPT!r}:", highlight=False)
+        try:
+            torch.manual_seed(0)
+            model.generate(**batch, do_sample=True, temperature=0.8, **generation)
+            console.print("   completed (this model did not overflow on this prompt)")
+        except RuntimeError as exc:
+            console.print(f"   RuntimeError: {exc}", style="red", markup=False, highlight=False)
+            console.print(
+                "   the logits are NaN: a residual channel passed float16's maximum (65,504) and became inf,\n"
+                "   then inf - inf = NaN spread through attention to every position."
+            )
+        console.print("2. greedy decoding:")
+        out = model.generate(**batch, do_sample=False, top_p=None, top_k=None, **generation)
+        text = tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+        console.print(f"   {text!r}", style="red", markup=False, highlight=False)
+        console.print("   argmax of an all-NaN row is token 0, which is <pad> for Gemma ('!' for Qwen).")
+
+    console.print(Rule("diagnosis"))
+    diagnosis = diagnose_with_progress(loaded, bundled_prompts(), torch.float16, 2.0, console)
+    render_diagnosis(diagnosis, console)
+    if plot_path is None:
+        plot_path = cache_root() / "reports" / "demo-diagnosis.png"
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_diagnosis(diagnosis, plot_path)
+    console.print(f"plot: {plot_path}", highlight=False)
+    return 0

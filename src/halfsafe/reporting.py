@@ -1,0 +1,166 @@
+"""Render a Diagnosis: rich tables for the terminal, JSON for machines, a PNG for people.
+
+Files are written to a temporary name beside the target and renamed, so a failed run never
+leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .diagnosing import Diagnosis
+from .errors import HalfsafeError
+from .observing import ATTN_LOGITS
+
+RISKIEST = 10
+
+
+def render_diagnosis(diagnosis: Diagnosis, console: Console) -> None:
+    target = diagnosis.target
+    limit = target.dtype_max
+    table = Table(title=f"{diagnosis.model}: max |activation| per layer (fp32, {diagnosis.num_prompts} prompts)")
+    table.add_column("layer", justify="right")
+    table.add_column("residual", justify="right")
+    table.add_column("chan@pos", justify="right")
+    table.add_column(f"{diagnosis.dtype} headroom", justify="right")
+    table.add_column("inside max", justify="right")
+    table.add_column("at", no_wrap=True, overflow="ellipsis", max_width=28)
+    table.add_column("q.k max", justify="right")
+    for layer in diagnosis.layers:
+        headroom = limit / layer.residual_max if layer.residual_max > 0 else math.inf
+        style = "bold red" if headroom < 1 else ("yellow" if headroom < diagnosis.margin else "")
+        table.add_row(
+            str(layer.layer),
+            f"{layer.residual_max:,.0f}",
+            f"{layer.residual_channel} @ {layer.residual_position}",
+            f"{headroom:.2f}x",
+            f"{layer.sublayer_max:,.0f}" if layer.sublayer_site else "-",
+            _within_layer(layer.sublayer_site),
+            f"{layer.attn_logits_max:,.0f}" if layer.attn_logits_max is not None else "-",
+            style=style,
+        )
+    console.print(table)
+
+    sites = Table(title=f"riskiest sites for {diagnosis.dtype}")
+    for column in ("site", "kind", "max |x|", "headroom", "channel @ pos", "prompt"):
+        sites.add_column(column, justify="left" if column in ("site", "kind") else "right")
+    counted = [s for s in diagnosis.sites if s.kind != ATTN_LOGITS or diagnosis.attn_implementation == "eager"]
+    for site in sorted(counted, key=lambda s: -s.max_abs)[:RISKIEST]:
+        headroom = limit / site.max_abs if site.max_abs > 0 else math.inf
+        sites.add_row(
+            site.name, site.kind, f"{site.max_abs:,.0f}", f"{headroom:.2f}x",
+            f"{site.channel} @ {site.position}", str(site.prompt),
+            style="bold red" if headroom < 1 else ("yellow" if headroom < diagnosis.margin else ""),
+        )
+    console.print(sites)
+
+    console.print(f"fp32 continuation of prompt 0: {diagnosis.reference_continuation!r}", markup=False, highlight=False)
+    for verdict in diagnosis.verdicts:
+        console.print(f"{verdict.dtype} continuation of prompt 0: {verdict.continuation!r}", markup=False, highlight=False)
+    for note in diagnosis.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    for verdict in diagnosis.verdicts:
+        colour = {"unsafe": "bold red", "at-risk": "bold yellow"}.get(verdict.status, "bold green")
+        console.print(verdict.summary, style=colour, markup=False, highlight=False)
+
+
+def _within_layer(name: str | None) -> str:
+    """`model.layers.7.mlp.down_proj:input` -> `mlp.down_proj:input`."""
+    if not name:
+        return "-"
+    parts = name.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[digits[0] + 1:]) if digits else name
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def check_output_path(path: str | Path, what: str) -> Path:
+    """Refuse an output path that cannot be written, before any work is done."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise HalfsafeError(f"{what} path '{path}' is a directory; give a file name")
+    if not path.parent.exists():
+        raise HalfsafeError(f"{what} path '{path}': directory '{path.parent}' does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise HalfsafeError(f"{what} path '{path}': directory '{path.parent}' is not writable")
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    path = check_output_path(path, "JSON")
+
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(_finite_json(data), handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+
+    _atomic_write(path, write)
+    return path
+
+
+def _finite_json(value):
+    """JSON has no inf/nan: write them as the strings 'inf', '-inf', 'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def plot_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
+    """PNG: per-layer max |activation| on a log scale against the dtype's limit."""
+    path = check_output_path(path, "plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    layers = [layer.layer for layer in diagnosis.layers]
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    ax.plot(layers, [layer.residual_max for layer in diagnosis.layers], "o-", color="tab:blue",
+            linewidth=2, label="residual stream (after layer)")
+    ax.plot(layers, [layer.sublayer_max for layer in diagnosis.layers], "s", color="tab:orange",
+            label="largest sublayer output or interior")
+    qk = [(layer.layer, layer.attn_logits_max) for layer in diagnosis.layers if layer.attn_logits_max]
+    if qk:
+        eager = diagnosis.attn_implementation == "eager"
+        ax.plot(*zip(*qk), "^", color="tab:purple", alpha=1.0 if eager else 0.45,
+                label="attention q.k (eager only)" if not eager else "attention q.k (before scaling)")
+    limit = diagnosis.target.dtype_max
+    ax.axhline(limit, color="tab:red", linestyle="--", label=f"{diagnosis.dtype} max ({limit:,.0f})")
+    ax.axhline(limit / diagnosis.margin, color="tab:red", linestyle=":", alpha=0.5,
+               label=f"margin ({diagnosis.margin:g}x)")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("max |activation| (fp32 run)")
+    ax.set_title(f"{diagnosis.model}\n{diagnosis.target.summary}", fontsize=8, wrap=True)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    _atomic_write(path, lambda temporary: fig.savefig(temporary, format="png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,59 @@
+"""What every command does around the library: pick a device, load quietly, show progress."""
+
+from __future__ import annotations
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .diagnosing import Diagnosis, diagnose
+from .dtypes import dtype_name
+from .errors import HalfsafeError
+from .loading import DEMO, LoadedModel, cache_root, load_model
+
+
+def resolve_device(spec: str) -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise HalfsafeError(f"unknown device '{spec}'; use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HalfsafeError(f"device '{spec}' requested but this torch has no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise HalfsafeError(f"device '{spec}' is not supported; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_for_cli(model: str, console: Console, *, device: str = "auto", **kwargs) -> LoadedModel:
+    target = resolve_device(device)
+    quiet_transformers()
+    if model == DEMO and not (cache_root() / "demo" / "gemma-3-270m" / "config.json").exists():
+        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
+    with console.status(f"loading {model} ..."):
+        loaded = load_model(model, dtype=torch.float32, **kwargs)
+        loaded.model.to(target)
+    return loaded
+
+
+def diagnose_with_progress(
+    loaded: LoadedModel, prompts: list[str], dtype: torch.dtype, margin: float, console: Console
+) -> Diagnosis:
+    also = tuple(d for d in (torch.bfloat16,) if d != dtype)
+    passes = len(prompts) * (2 + len(also))  # the fp32 observation, then one confirmation per dtype
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"diagnosing for {dtype_name(dtype)}", total=passes)
+        return diagnose(
+            loaded.model, loaded.tokenizer, prompts, dtype=dtype, also=also, margin=margin,
+            name=loaded.name, progress=lambda: progress.advance(task),
+        )

@@ -1,0 +1,141 @@
+"""Tiny real checkpoints with planted overflow, for tests and benchmarks.
+
+Each model is built from a real transformers config class, given random weights, then edited
+the way real models are: a "massive activation" (Sun et al. 2024) is one MLP neuron that
+fires only on the BOS token and writes ~1e5 into one residual channel, which every later
+layer carries on. `plant="attention"` instead gives Qwen2's q/k projections large biases so
+that eager attention's `q @ k^T` passes float16's maximum before the 1/sqrt(d) scaling.
+
+Everything is written to disk as a normal Hugging Face directory (config, safetensors,
+byte-level tokenizer that prepends BOS), so tests exercise the same loading path users do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 320  # 3 specials + 256 byte symbols, rounded up
+MASSIVE = 1.0e5  # the planted residual value on BOS, past float16's 65,504
+CHANNEL = 5  # the residual channel that carries it
+PLANT_LAYER = 1
+
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+)
+
+# Per-architecture fixture data: the config class, its extra fields, and, for the planting,
+# the norm that post-processes the MLP output (Gemma) and its gain convention.
+ARCHITECTURES = {
+    "llama": dict(config="LlamaConfig", extra=dict(tie_word_embeddings=False), post_mlp_norm=None),
+    "qwen2": dict(config="Qwen2Config", extra=dict(tie_word_embeddings=True), post_mlp_norm=None),
+    "qwen3": dict(config="Qwen3Config", extra=dict(head_dim=16, tie_word_embeddings=True), post_mlp_norm=None),
+    "gemma3_text": dict(
+        config="Gemma3TextConfig",
+        extra=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32, tie_word_embeddings=True,
+                   layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]),
+        post_mlp_norm="post_feedforward_layernorm",  # Gemma applies (1 + w)
+    ),
+}
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers
+
+    spec = ARCHITECTURES[arch]
+    fields = dict(_COMMON, **spec["extra"], **overrides)
+    return getattr(transformers, spec["config"])(**fields)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with <pad>=0, <bos>=1, <eos>=2 that prepends <bos>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation="sdpa"):
+    """A tiny fp32 model of `arch`; `plant` is 'residual', 'attention' or None."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+    model.eval()
+    with torch.no_grad():
+        if plant == "residual":
+            _plant_massive_activation(model, ARCHITECTURES[arch]["post_mlp_norm"])
+        elif plant == "attention":
+            _plant_attention_logits(model)
+        elif plant is not None:
+            raise ValueError(f"plant must be 'residual', 'attention' or None, not {plant!r}")
+    return model
+
+
+def save_tiny_model(arch: str, directory: str | Path, **kwargs) -> Path:
+    """Build and write a tiny checkpoint (safetensors, config, tokenizer) to `directory`."""
+    directory = Path(directory)
+    model = build_tiny_model(arch, **kwargs)
+    model.save_pretrained(str(directory))
+    byte_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def _plant_massive_activation(model, post_mlp_norm: str | None) -> None:
+    embed = model.get_input_embeddings().weight  # [V, H]
+    hidden = embed.shape[1]
+    detector = hidden - 1  # an embedding channel that only BOS uses
+    embed[:, detector] = 0.0
+    embed[BOS, detector] = embed[BOS].abs().max() * 4
+    layer = model.model.layers[PLANT_LAYER]
+    mlp = layer.mlp
+    neuron = 0
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        proj.weight[neuron] = 0.0
+        proj.weight[neuron, detector] = 1.0
+    # Only the planted neuron writes the massive channel, so other tokens leave it near 0.
+    mlp.down_proj.weight[CHANNEL] = 0.0
+    mlp.down_proj.weight[CHANNEL, neuron] = 1.0
+    probe = getattr(layer, post_mlp_norm) if post_mlp_norm else mlp.down_proj
+    value = _bos_output(model, probe)[CHANNEL].item()
+    if post_mlp_norm:
+        gain = getattr(layer, post_mlp_norm).weight
+        gain[CHANNEL] = MASSIVE / value - 1.0  # Gemma's norm multiplies by (1 + w)
+    else:
+        mlp.down_proj.weight[CHANNEL, neuron] = MASSIVE / value
+
+
+def _plant_attention_logits(model) -> None:
+    attention = model.model.layers[0].self_attn
+    # Every q and k element 80 with head_dim 16: q.k = 16 * 6400 = 102,400 > 65,504 on the diagonal.
+    attention.q_proj.bias.fill_(80.0)
+    attention.k_proj.bias.fill_(80.0)
+    attention.q_proj.weight.mul_(0.01)
+    attention.k_proj.weight.mul_(0.01)
+
+
+def _bos_output(model, module) -> torch.Tensor:
+    captured = {}
+    handle = module.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
+    try:
+        model(input_ids=torch.tensor([[BOS, 70, 71]]), use_cache=False)
+    finally:
+        handle.remove()
+    return captured["out"][0, 0]  # [H] at the BOS position
