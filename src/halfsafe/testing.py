@@ -21,6 +21,7 @@ VOCAB = 320  # 3 specials + 256 byte symbols, rounded up
 MASSIVE = 1.0e5  # the planted residual value on BOS, past float16's 65,504
 CHANNEL = 5  # the residual channel that carries it
 PLANT_LAYER = 1
+SHORT_PROMPTS = ["The capital of France is", "上海有个非常出名的地方，", "def add(a, b):"]
 
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -104,6 +105,11 @@ def _plant_massive_activation(model, post_mlp_norm: str | None) -> None:
     detector = hidden - 1  # an embedding channel that only BOS uses
     embed[:, detector] = 0.0
     embed[BOS, detector] = embed[BOS].abs().max() * 4
+    # No earlier writer touches the detector channel, so it is exactly 0 for every other token.
+    for index, earlier in enumerate(model.model.layers[: PLANT_LAYER + 1]):
+        earlier.self_attn.o_proj.weight[detector] = 0.0
+        if index < PLANT_LAYER:
+            earlier.mlp.down_proj.weight[detector] = 0.0
     layer = model.model.layers[PLANT_LAYER]
     mlp = layer.mlp
     neuron = 0

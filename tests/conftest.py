@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny planted checkpoints on disk, and the real demo model, built once per run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halfsafe.loading import load_model
+from halfsafe.session import quiet_transformers
+from halfsafe.testing import ARCHITECTURES, save_tiny_model
+
+quiet_transformers()
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{(arch, plant): checkpoint directory} for every fixture architecture, planted or clean."""
+    root = tmp_path_factory.mktemp("tiny")
+    dirs = {}
+    for arch in ARCHITECTURES:
+        for plant in ("residual", None):
+            dirs[arch, plant] = save_tiny_model(arch, root / f"{arch}-{plant}", plant=plant)
+    dirs["qwen2", "attention"] = save_tiny_model("qwen2", root / "qwen2-attention", plant="attention")
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The real gemma-3-270m base model in fp32 (dequantised once, then cached on disk)."""
+    return load_model("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_diagnosis(demo):
+    from halfsafe.diagnosing import diagnose
+    from halfsafe.prompts import bundled_prompts
+
+    return diagnose(demo.model, demo.tokenizer, bundled_prompts(), name=demo.name)
+
+
