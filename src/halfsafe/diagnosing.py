@@ -11,7 +11,6 @@ The result is a plain value (`Diagnosis`), rendered elsewhere as a table, JSON o
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,7 +18,9 @@ from torch import nn
 
 from . import __version__
 from .dtypes import dtype_max, dtype_name
-from .observing import ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat, encode, find_decoder_layers, observe
+from .observing import (
+    ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat, encode, find_decoder_layers, last_logits_only, observe,
+)
 from .precision import cast_temporarily
 
 SCHEMA_VERSION = 1
@@ -200,7 +201,7 @@ def confirm(model: nn.Module, tokenizer, prompts: list[str], dtype: torch.dtype,
     first = None
     # Only the last position's logits: the vocabulary projection dominates a small model's
     # cost, and a non-finite value anywhere earlier is caught by the watch on every module.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    extra = last_logits_only(model)
     with cast_temporarily(model, dtype), torch.inference_mode():
         for prompt in prompts:
             with FiniteWatch(model) as watch:

@@ -9,7 +9,7 @@ A *site* is one place a tensor can overflow:
   `down_proj`, the attention output entering `o_proj`);
 - `attn_logits`: `q @ k^T` before the 1/sqrt(d) scaling, which eager attention materialises
   in the model's dtype (the Qwen2-style overflow of NUMERICS.md section 2);
-- `logits`: the output embedding's output.
+- `logits`: the output embedding's output, at the last position (the one `generate` uses).
 
 Architecture-agnostic on purpose: the decoder layers are found as the module list whose length
 is the config's `num_hidden_layers`, so `diagnose` works on any causal LM.
@@ -17,6 +17,7 @@ is the config's `num_hidden_layers`, so `diagnose` works on any causal LM.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -139,12 +140,11 @@ class ActivationRecorder:
         return hook
 
     def record(self, name: str, kind: str, layer: int | None, tensor: torch.Tensor) -> None:
-        flat = tensor.detach().float().abs().reshape(-1)
-        if flat.numel() == 0:
+        if tensor.numel() == 0:
             return
-        # NaN counts as the largest value, so a non-finite site is never reported as small.
-        flat = torch.nan_to_num(flat, nan=float("inf"))
-        amax, argmax = flat.max(dim=0)
+        # One temporary the size of the tensor (the full-vocabulary logits can be hundreds of
+        # MB); `max` propagates NaN, which `sites()` reports as inf.
+        amax, argmax = tensor.detach().abs().reshape(-1).max(dim=0)
         self._kinds.setdefault(name, (kind, layer))
         self._calls.setdefault(name, []).append((self.prompt_index, amax, argmax, tuple(tensor.shape)))
 
@@ -154,11 +154,12 @@ class ActivationRecorder:
         result = []
         for name, calls in self._calls.items():
             kind, layer = self._kinds[name]
-            maxima = torch.stack([c[1] for c in calls]).cpu()
+            # NaN counts as the largest value, so a non-finite site is never reported as small.
+            maxima = torch.nan_to_num(torch.stack([c[1].float() for c in calls]).cpu(), nan=float("inf"))
             best = int(maxima.argmax())
-            prompt, amax, argmax, shape = calls[best]
+            prompt, _, argmax, shape = calls[best]
             channel, position = _locate(int(argmax), shape, kind)
-            result.append(SiteStat(name, kind, layer, float(amax), channel, position, prompt))
+            result.append(SiteStat(name, kind, layer, float(maxima[best]), channel, position, prompt))
         return result
 
 
@@ -239,18 +240,28 @@ def _configs(model: nn.Module):
 # -- running prompts ----------------------------------------------------------------------
 
 
+def last_logits_only(model: nn.Module) -> dict:
+    """Forward kwargs that skip the logits of all but the last position, where supported."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def encode(tokenizer, prompt: str, device: torch.device) -> dict:
     batch = tokenizer(prompt, return_tensors="pt")
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
 def observe(model: nn.Module, tokenizer, prompts: list[str], *, progress=None) -> ActivationRecorder:
-    """Run every prompt through the model (one at a time, so no padding enters the statistics)."""
+    """Run every prompt through the model (one at a time, so no padding enters the statistics).
+
+    Logits are computed for the last position only, as `generate` does: the full-vocabulary
+    logits of a long prompt would otherwise dominate memory (262,144 x T floats for Gemma 3).
+    """
     device = next(model.parameters()).device
+    extra = last_logits_only(model)
     with ActivationRecorder(model) as recorder, torch.inference_mode():
         for index, prompt in enumerate(prompts):
             recorder.prompt_index = index
-            model(**encode(tokenizer, prompt, device), use_cache=False)
+            model(**encode(tokenizer, prompt, device), use_cache=False, **extra)
             if progress is not None:
                 progress()
     return recorder
