@@ -1,4 +1,4 @@
-"""Run a model in another dtype without losing its fp32 weights."""
+"""Run a model with other weights (another dtype, a fixed variant) without losing its own."""
 
 from __future__ import annotations
 
@@ -9,29 +9,32 @@ from torch import nn
 
 
 @contextmanager
-def cast_temporarily(model: nn.Module, dtype: torch.dtype):
-    """Cast floating parameters to `dtype`; put the originals back on exit.
+def use_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """Swap in `weights` (names as in `named_parameters()`); put the originals back on exit.
 
-    Casting fp32 -> fp16 -> fp32 would round every weight, so the original tensors are kept
-    and restored by reference: peak memory is the model plus one copy in `dtype`. Tied
-    parameters are one Parameter object, so they stay tied. Buffers keep their dtype, as with
-    `from_pretrained(dtype=...)`, which leaves rotary frequencies in fp32.
+    The original tensors are kept by reference and restored exactly: casting fp32 -> fp16 ->
+    fp32 instead would round every weight. Tied parameters are one Parameter object, listed
+    once, so they stay tied.
     """
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    params = dict(model.named_parameters())
+    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     try:
-        for tensor in _floating_tensors(model):
-            if tensor.dtype != dtype:
-                saved.append((tensor, tensor.data))
-                tensor.data = tensor.data.to(dtype)
+        for name, tensor in weights.items():
+            saved.append((params[name], params[name].data))
+            params[name].data = tensor
         yield model
     finally:
-        for tensor, original in saved:
-            tensor.data = original
+        for param, original in saved:
+            param.data = original
 
 
-def _floating_tensors(model: nn.Module):
-    seen = set()
-    for tensor in model.parameters():
-        if tensor.is_floating_point() and id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield tensor
+@contextmanager
+def cast_temporarily(model: nn.Module, dtype: torch.dtype):
+    """Run in `dtype`: peak memory is the model plus one copy of its weights in `dtype`.
+
+    Buffers keep their dtype, as with `from_pretrained(dtype=...)`, which leaves rotary
+    frequencies in fp32.
+    """
+    weights = {n: p.data.to(dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    with use_weights(model, weights):
+        yield model

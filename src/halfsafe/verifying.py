@@ -1,0 +1,134 @@
+"""Fidelity against fp32, with the field's metrics (llama.cpp's `--kl-divergence` conventions).
+
+Per token position, reference = the model in fp32:
+- KL(p_ref || p_test) over the full vocabulary; mean, p99 and max over positions;
+- top-1 agreement (llama.cpp's "same top p");
+- |delta p|: the change in probability of the reference's argmax token;
+- non-finite share: positions whose logits hold any NaN or inf (KL counts them as inf).
+Per prompt: greedy-match length, how many of N greedy tokens equal fp32's before the first
+difference.
+
+One function measures every variant, so `fix`'s verification gate and `compare` compute the
+same numbers the same way.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .observing import encode
+
+Variant = Callable[[], AbstractContextManager]  # enters the model into the variant, restores on exit
+
+
+@dataclass
+class Fidelity:
+    variant: str
+    positions: int
+    nonfinite_share: float
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    top1: float
+    delta_p_mean: float
+    greedy_match_mean: float  # tokens equal to fp32's before the first difference, averaged over prompts
+    greedy_identical: float  # share of prompts whose whole continuation equals fp32's
+    new_tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def position_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
+    """reference, test: [T, V] logits -> per-position kl, top1, delta_p, finite: [T] each."""
+    finite = torch.isfinite(test).all(dim=-1)
+    ref_logp = torch.log_softmax(reference.double(), dim=-1)
+    test_logp = torch.log_softmax(torch.nan_to_num(test.double(), nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - test_logp)).sum(-1).clamp_min(0.0)
+    kl = torch.where(finite, kl, torch.full_like(kl, float("inf")))
+    top = reference.argmax(-1)
+    top1 = (test.argmax(-1) == top) & finite
+    p_ref = ref_logp.exp().gather(-1, top[:, None])[:, 0]
+    p_test = test_logp.exp().gather(-1, top[:, None])[:, 0]
+    delta_p = torch.where(finite, (p_ref - p_test).abs(), p_ref)
+    return {"kl": kl, "top1": top1, "delta_p": delta_p, "finite": finite}
+
+
+def measure_fidelity(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    variants: dict[str, Variant],
+    *,
+    new_tokens: int = 32,
+    progress=None,
+) -> dict[str, Fidelity]:
+    """Fidelity of each variant of `model` against `model` as it is (fp32)."""
+    device = next(model.parameters()).device
+    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": []} for name in variants}
+    with torch.inference_mode():
+        for prompt in prompts:
+            batch = encode(tokenizer, prompt, device)
+            reference = model(**batch, use_cache=False).logits[0].float()  # [T, V]
+            for name, variant in variants.items():
+                with variant():
+                    test = model(**batch, use_cache=False).logits[0].float()
+                for key, value in position_metrics(reference, test).items():
+                    collected[name][key].append(value.cpu())
+            if progress is not None:
+                progress()
+        ref_tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+        results = {}
+        for name, variant in variants.items():
+            with variant():
+                tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+            results[name] = _summarise(name, collected[name], ref_tokens, tokens, new_tokens)
+            if progress is not None:
+                progress()
+    return results
+
+
+def greedy_tokens(model: nn.Module, tokenizer, prompts: list[str], new_tokens: int) -> torch.Tensor:
+    """[N, new_tokens] greedy continuations, batched with left padding."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None, temperature=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[:, batch["input_ids"].shape[1]:].cpu()
+
+
+def match_lengths(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """[N] tokens equal before the first difference."""
+    equal = (reference == test).int()
+    return equal.cumprod(dim=1).sum(dim=1)
+
+
+def _summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
+    kl = torch.cat(collected["kl"])
+    finite = torch.cat(collected["finite"])
+    lengths = match_lengths(ref_tokens, tokens)
+    return Fidelity(
+        variant=name,
+        positions=int(kl.numel()),
+        nonfinite_share=float((~finite).float().mean()),
+        kl_mean=float(kl.mean()),
+        kl_p99=float(torch.quantile(kl, 0.99)) if bool(finite.all()) else float("inf"),
+        kl_max=float(kl.max()),
+        top1=float(torch.cat(collected["top1"]).float().mean()),
+        delta_p_mean=float(torch.cat(collected["delta_p"]).mean()),
+        greedy_match_mean=float(lengths.float().mean()),
+        greedy_identical=float((lengths == new_tokens).float().mean()),
+        new_tokens=new_tokens,
+    )
