@@ -40,6 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer max |activation|")
     diagnose.add_argument("--fail-on-unsafe", action="store_true", help="exit 3 when the verdict is unsafe")
 
+    fix = commands.add_parser(
+        "fix",
+        help="rescale weights so the model never overflows float16; export a standard checkpoint",
+        description="Observe in fp32, choose power-of-two scales for the residual stream and MLP interiors, "
+        "verify on held-out prompts against fp32 (gate: finite, mean KL at most bfloat16's), then write "
+        "a Hugging Face checkpoint that plain transformers or vLLM loads in float16.",
+    )
+    fix.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
+    fix.add_argument("--out", required=True, metavar="DIR", help="where to write the fixed checkpoint")
+    _add_model_options(fix)
+    fix.add_argument("--dtype", default="float16", help="target dtype (default float16)")
+    fix.add_argument("--margin", type=float, default=4.0,
+                     help="keep every scaled site this factor below the dtype's maximum (default 4)")
+    fix.add_argument("--prompts", metavar="FILE", help="calibration prompts (default: the bundled set)")
+    fix.add_argument("--heldout", metavar="FILE", help="verification prompts (default: the bundled held-out set)")
+    fix.add_argument("--max-kl", type=float, help="gate on this mean KL instead of bfloat16's")
+    fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    fix.add_argument("--plan-json", metavar="PATH", help="also write the plan and verification numbers as JSON")
+
     demo = commands.add_parser(
         "demo",
         help="the float16 failure and its diagnosis on gemma-3-270m (from PyPI, cached locally)",
@@ -67,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "diagnose":
             return run_diagnose(args)
+        if args.command == "fix":
+            return run_fix(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -109,6 +130,39 @@ def run_diagnose(args) -> int:
         console.print(f"plot written to {plot_path}", highlight=False)
     if args.fail_on_unsafe and not diagnosis.safe:
         return EXIT_UNSAFE
+    return 0
+
+
+def run_fix(args) -> int:
+    from rich.console import Console
+
+    from .dtypes import parse_dtype
+    from .exporting import check_export_target, export_checkpoint
+    from .prompts import read_prompts
+    from .reporting import check_output_path, render_fix, write_json
+    from .session import fix_with_progress, load_for_cli
+
+    dtype = parse_dtype(args.dtype)
+    if not args.margin >= 1:
+        raise HalfsafeError(f"--margin {args.margin} must be at least 1 (a factor below the dtype's maximum)")
+    if args.max_kl is not None and not args.max_kl > 0:
+        raise HalfsafeError(f"--max-kl {args.max_kl} must be a positive number")
+    calibration = read_prompts(args.prompts) if args.prompts else None
+    heldout = read_prompts(args.heldout) if args.heldout else None
+    source = Path(args.model).expanduser() if Path(args.model).expanduser().exists() else None
+    check_export_target(args.out, overwrite=args.overwrite, source=source)
+    plan_path = check_output_path(args.plan_json, "plan JSON") if args.plan_json else None
+
+    console = Console()
+    loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
+                          trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+    model, report = fix_with_progress(loaded, console, dtype=dtype, margin=args.margin, calibration=calibration,
+                                      heldout=heldout, max_kl=args.max_kl)
+    render_fix(report, console)
+    out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)
+    console.print(f"fixed checkpoint written to {out}", highlight=False)
+    if plan_path:
+        write_json(report.to_json(), plan_path)
     return 0
 
 

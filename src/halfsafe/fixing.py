@@ -121,3 +121,19 @@ def _gate(report: FixReport) -> None:
             f"{'bfloat16' if 'bfloat16' in report.fidelity else '--max-kl'}); top-1 {fixed.top1:.4f}; "
             "nothing was written; try another --margin, or set --max-kl"
         )
+
+
+def load_fixed(model: str, dtype: torch.dtype | str = torch.float16, *, device: str | None = None, **kwargs):
+    """Load MODEL (directory, hub id, .gguf or 'demo'), fix it in memory, return (model, tokenizer).
+
+    For people who never want a second checkpoint. `kwargs` go to `fix` (margin, max_kl,
+    verify, calibration, heldout) or to loading (allow_pickle, trust_remote_code).
+    """
+    from .loading import load_model
+
+    load_keys = {"allow_pickle", "trust_remote_code", "attn_implementation"}
+    loaded = load_model(model, dtype=torch.float32, **{k: v for k, v in kwargs.items() if k in load_keys})
+    if device is not None:
+        loaded.model.to(device)
+    fixed, _ = fix(loaded.model, loaded.tokenizer, dtype=dtype, **{k: v for k, v in kwargs.items() if k not in load_keys})
+    return fixed, loaded.tokenizer

@@ -164,3 +164,33 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     _atomic_write(path, lambda temporary: fig.savefig(temporary, format="png"))
     plt.close(fig)
     return path
+
+
+def fidelity_table(fidelity: dict, title: str) -> Table:
+    """One row per variant, in the field's metrics (KL vs fp32, top-1, delta-p, greedy match)."""
+    table = Table(title=title)
+    for column in ("variant", "non-finite", "KL mean", "KL p99", "KL max", "top-1", "|dp|", "greedy"):
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
+    for name, f in fidelity.items():
+        table.add_row(
+            name, f"{f.nonfinite_share:.1%}", _sci(f.kl_mean), _sci(f.kl_p99), _sci(f.kl_max), f"{f.top1:.4f}",
+            _sci(f.delta_p_mean), f"{f.greedy_match_mean:.1f}/{f.new_tokens} {f.greedy_identical:.0%}",
+        )
+    return table
+
+
+def _sci(value: float) -> str:
+    return f"{value:.1e}" if math.isfinite(value) else str(value)
+
+
+def render_fix(report, console: Console) -> None:
+    console.print(f"plan: {report.plan.describe()}", markup=False, highlight=False)
+    if not report.fidelity:
+        return
+    console.print(fidelity_table(report.fidelity, f"verification on {report.verification_prompts} held-out prompts "
+                                                  "vs fp32 (greedy: match length / same)"))
+    fixed, bf16 = report.fixed, report.fidelity.get("bfloat16")
+    line = f"{report.plan.dtype} fixed: all finite, mean KL {fixed.kl_mean:.2e}"
+    if bf16 is not None and fixed.kl_mean > 0:
+        line += f" ({bf16.kl_mean / fixed.kl_mean:.0f}x closer to fp32 than bfloat16's {bf16.kl_mean:.2e})"
+    console.print(line + f", top-1 {fixed.top1:.2%}", style="bold green", markup=False, highlight=False)

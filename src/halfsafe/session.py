@@ -57,3 +57,16 @@ def diagnose_with_progress(
             loaded.model, loaded.tokenizer, prompts, dtype=dtype, also=also, margin=margin,
             name=loaded.name, progress=lambda: progress.advance(task),
         )
+
+
+def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
+    from .fixing import fix
+    from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+
+    kwargs["calibration"] = kwargs.get("calibration") or bundled_prompts(CALIBRATION)
+    kwargs["heldout"] = kwargs.get("heldout") or bundled_prompts(HELDOUT)
+    passes = len(kwargs["calibration"]) + len(kwargs["heldout"]) + 2  # observation, verification, greedy runs
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("fixing", total=passes)
+        return fix(loaded.model, loaded.tokenizer, progress=lambda: progress.advance(task), **kwargs)

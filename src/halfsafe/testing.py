@@ -33,8 +33,23 @@ _COMMON = dict(
 # the norm that post-processes the MLP output (Gemma) and its gain convention.
 ARCHITECTURES = {
     "llama": dict(config="LlamaConfig", extra=dict(tie_word_embeddings=False), post_mlp_norm=None),
+    "mistral": dict(config="MistralConfig", extra=dict(tie_word_embeddings=False, sliding_window=32), post_mlp_norm=None),
     "qwen2": dict(config="Qwen2Config", extra=dict(tie_word_embeddings=True), post_mlp_norm=None),
     "qwen3": dict(config="Qwen3Config", extra=dict(head_dim=16, tie_word_embeddings=True), post_mlp_norm=None),
+    # Layer 1 (the planted one) is dense; the others route through stacked experts.
+    "qwen3_moe": dict(
+        config="Qwen3MoeConfig",
+        extra=dict(head_dim=16, tie_word_embeddings=True, num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=64, mlp_only_layers=[PLANT_LAYER]),
+        post_mlp_norm=None,
+    ),
+    "gemma": dict(config="GemmaConfig", extra=dict(head_dim=16, tie_word_embeddings=True), post_mlp_norm=None),
+    "gemma2": dict(
+        config="Gemma2Config",
+        extra=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32, tie_word_embeddings=True,
+                   attn_logit_softcapping=None, final_logit_softcapping=30.0),
+        post_mlp_norm="post_feedforward_layernorm",
+    ),
     "gemma3_text": dict(
         config="Gemma3TextConfig",
         extra=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32, tie_word_embeddings=True,
@@ -72,7 +87,7 @@ def byte_tokenizer():
     )
 
 
-def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation="sdpa"):
+def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation=None):
     """A tiny fp32 model of `arch`; `plant` is 'residual', 'attention' or None."""
     from transformers import AutoModelForCausalLM
 
@@ -83,10 +98,12 @@ def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0
     with torch.no_grad():
         if plant == "residual":
             _plant_massive_activation(model, ARCHITECTURES[arch]["post_mlp_norm"])
+        elif plant == "interior":
+            _plant_interior(model)
         elif plant == "attention":
             _plant_attention_logits(model)
         elif plant is not None:
-            raise ValueError(f"plant must be 'residual', 'attention' or None, not {plant!r}")
+            raise ValueError(f"plant must be 'residual', 'interior', 'attention' or None, not {plant!r}")
     return model
 
 
@@ -99,26 +116,42 @@ def save_tiny_model(arch: str, directory: str | Path, **kwargs) -> Path:
     return directory
 
 
-def _plant_massive_activation(model, post_mlp_norm: str | None) -> None:
+def _bos_neuron(model) -> tuple[torch.nn.Module, int]:
+    """Wire MLP neuron 0 of the plant layer to fire on BOS only; return (layer, neuron)."""
     embed = model.get_input_embeddings().weight  # [V, H]
-    hidden = embed.shape[1]
-    detector = hidden - 1  # an embedding channel that only BOS uses
+    detector = embed.shape[1] - 1  # an embedding channel that only BOS uses
     embed[:, detector] = 0.0
     embed[BOS, detector] = embed[BOS].abs().max() * 4
     # No earlier writer touches the detector channel, so it is exactly 0 for every other token.
     for index, earlier in enumerate(model.model.layers[: PLANT_LAYER + 1]):
         earlier.self_attn.o_proj.weight[detector] = 0.0
         if index < PLANT_LAYER:
-            earlier.mlp.down_proj.weight[detector] = 0.0
+            _zero_mlp_row(earlier.mlp, detector)
     layer = model.model.layers[PLANT_LAYER]
-    mlp = layer.mlp
     neuron = 0
-    for proj in (mlp.gate_proj, mlp.up_proj):
+    for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
         proj.weight[neuron] = 0.0
         proj.weight[neuron, detector] = 1.0
     # Only the planted neuron writes the massive channel, so other tokens leave it near 0.
-    mlp.down_proj.weight[CHANNEL] = 0.0
-    mlp.down_proj.weight[CHANNEL, neuron] = 1.0
+    layer.mlp.down_proj.weight[CHANNEL] = 0.0
+    layer.mlp.down_proj.weight[CHANNEL, neuron] = 1.0
+    return layer, neuron
+
+
+def _zero_mlp_row(mlp, row: int) -> None:
+    experts = getattr(mlp, "experts", None)
+    if experts is not None and isinstance(getattr(experts, "down_proj", None), torch.nn.Parameter):
+        experts.down_proj[:, row] = 0.0  # stacked experts: [E, H, I]
+        shared = getattr(mlp, "shared_expert", None)
+        if shared is not None:
+            shared.down_proj.weight[row] = 0.0
+    else:
+        mlp.down_proj.weight[row] = 0.0
+
+
+def _plant_massive_activation(model, post_mlp_norm: str | None) -> None:
+    layer, neuron = _bos_neuron(model)
+    mlp = layer.mlp
     probe = getattr(layer, post_mlp_norm) if post_mlp_norm else mlp.down_proj
     value = _bos_output(model, probe)[CHANNEL].item()
     if post_mlp_norm:
@@ -126,6 +159,15 @@ def _plant_massive_activation(model, post_mlp_norm: str | None) -> None:
         gain[CHANNEL] = MASSIVE / value - 1.0  # Gemma's norm multiplies by (1 + w)
     else:
         mlp.down_proj.weight[CHANNEL, neuron] = MASSIVE / value
+
+
+def _plant_interior(model) -> None:
+    """`act(gate) * up` reaches MASSIVE inside the MLP; what it writes to the stream stays ~1e4."""
+    layer, neuron = _bos_neuron(model)
+    mlp = layer.mlp
+    value = _bos_input(model, mlp.down_proj)[neuron].item()
+    mlp.up_proj.weight[neuron] *= MASSIVE / value
+    mlp.down_proj.weight[CHANNEL, neuron] = 1e4 / MASSIVE
 
 
 def _plant_attention_logits(model) -> None:
@@ -138,10 +180,22 @@ def _plant_attention_logits(model) -> None:
 
 
 def _bos_output(model, module) -> torch.Tensor:
+    """[H]: `module`'s output at the BOS position."""
     captured = {}
     handle = module.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
     try:
         model(input_ids=torch.tensor([[BOS, 70, 71]]), use_cache=False)
     finally:
         handle.remove()
-    return captured["out"][0, 0]  # [H] at the BOS position
+    return captured["out"][0, 0]
+
+
+def _bos_input(model, module) -> torch.Tensor:
+    """[I]: `module`'s input at the BOS position."""
+    captured = {}
+    handle = module.register_forward_pre_hook(lambda m, args: captured.setdefault("in", args[0]))
+    try:
+        model(input_ids=torch.tensor([[BOS, 70, 71]]), use_cache=False)
+    finally:
+        handle.remove()
+    return captured["in"][0, 0]

@@ -1,0 +1,65 @@
+"""Export a fixed model as a standard Hugging Face checkpoint, atomically.
+
+Written into a temporary directory beside the target and renamed at the end: an interrupted
+run leaves nothing at the target, and an existing target is replaced only with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .errors import HalfsafeError
+
+
+def check_export_target(out: str | Path, *, overwrite: bool, source: Path | None = None) -> Path:
+    """Refuse a target that exists (without overwrite), cannot be created, or is the input."""
+    out = Path(out).expanduser().resolve()
+    if source is not None:
+        source = Path(source).resolve()
+        if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+            raise HalfsafeError(f"--out '{out}' overlaps the input checkpoint '{source}'; the input is never modified, "
+                                "choose another directory")
+    if out.exists() and not overwrite:
+        raise HalfsafeError(f"--out '{out}' already exists; choose a new directory or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise HalfsafeError(f"--out '{out}' exists and is not a directory")
+    if not out.parent.is_dir():
+        raise HalfsafeError(f"--out '{out}': parent directory '{out.parent}' does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise HalfsafeError(f"--out '{out}': parent directory '{out.parent}' is not writable")
+    return out
+
+
+def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """save_pretrained (safetensors shards, config with its `halfsafe` block, generation config)
+    plus the tokenizer, into a temporary sibling, then renamed to `out`."""
+    out = check_export_target(out, overwrite=overwrite)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.halfsafe-", dir=out.parent))
+    try:
+        model.save_pretrained(str(work), max_shard_size="2GB")
+        tokenizer.save_pretrained(str(work))
+        _ordinary_permissions(work)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _ordinary_permissions(directory: Path) -> None:
+    """mkdtemp makes a private directory; the checkpoint gets the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,179 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from halfsafe.applying import is_tied, scaled_weights, use_fix
+from halfsafe.errors import HalfsafeError
+from halfsafe.fixing import VerificationFailed, fix
+from halfsafe.observing import observe
+from halfsafe.planning import make_plan
+from halfsafe.precision import cast_temporarily
+from halfsafe.registry import ARCHITECTURES as REGISTRY, architecture_of
+from halfsafe.testing import ARCHITECTURES, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+
+TOKENIZER = byte_tokenizer()
+TESTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+          "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
+          "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+
+
+def logits(model, prompts=SHORT_PROMPTS):
+    """[T, V] fp32 logits per prompt, one prompt at a time (no padding)."""
+    with torch.inference_mode():
+        return [model(**TOKENIZER(p, return_tensors="pt")).logits[0].float() for p in prompts]
+
+
+def test_every_causal_registry_entry_has_a_tiny_model():
+    assert set(TESTED) | {"Gemma3ForConditionalGeneration"} == set(REGISTRY)
+    assert set(TESTED.values()) <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("plant", ["residual", "interior"])
+@pytest.mark.parametrize("arch", list(TESTED.values()))
+def test_fix_makes_planted_overflow_finite_and_preserves_the_function(arch, plant):
+    model = build_tiny_model(arch, plant=plant)
+    assert type(model).__name__ in TESTED and architecture_of(model).name
+    reference = logits(model)
+    with cast_temporarily(model, torch.float16):
+        assert not all(torch.isfinite(x).all() for x in logits(model))  # broken before
+
+    # In fp32 the rescaled model is the same function: the scales are powers of two and the
+    # norms' eps is scaled with them.
+    recorder = observe(model, TOKENIZER, SHORT_PROMPTS)
+    plan = make_plan(recorder.sites(), architecture_of(model), recorder.num_layers, dtype=torch.float16,
+                     tied=is_tied(model))
+    assert not plan.is_identity
+    exact = scaled_weights(model, architecture_of(model), plan, torch.float32)
+    with use_fix(model, architecture_of(model), plan, exact):
+        for ref, out in zip(reference, logits(model)):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+    fixed, report = fix(model, TOKENIZER)
+    assert report.plan == plan
+    assert next(fixed.parameters()).dtype == torch.float16
+    for ref, out in zip(reference, logits(fixed)):
+        assert torch.isfinite(out).all()
+        assert (out - ref).abs().max() < 1e-2  # fp16 rounding, at logits of order 1
+    assert report.fixed.nonfinite_share == 0 and report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
+
+
+def test_tied_and_untied_embeddings_are_both_covered():
+    assert not is_tied(build_tiny_model("llama", plant=None))
+    assert is_tied(build_tiny_model("gemma3_text", plant=None))
+
+
+def test_model_without_overflow_keeps_scale_one_and_its_weights():
+    model = build_tiny_model("qwen3", plant=None)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    fixed, report = fix(model, TOKENIZER)
+    assert report.plan.is_identity and "no rescaling needed" in report.plan.describe()
+    for key, value in fixed.state_dict().items():
+        assert torch.equal(value, original[key].to(value.dtype)), key
+
+
+def test_eager_attention_overflow_switches_to_sdpa():
+    model = build_tiny_model("qwen2", plant="attention", attn_implementation="eager")
+    fixed, report = fix(model, TOKENIZER)
+    assert report.plan.attn_implementation == "sdpa"
+    assert fixed.config._attn_implementation == "sdpa"
+    assert all(torch.isfinite(x).all() for x in logits(fixed))
+
+
+def test_verification_gate_refuses_and_leaves_the_model_untouched():
+    model = build_tiny_model("llama", plant="residual")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(VerificationFailed, match="above the bound"):
+        fix(model, TOKENIZER, max_kl=1e-30)
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, before[key]), key
+
+
+def test_unknown_architecture_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).eval()
+    with pytest.raises(HalfsafeError, match="GPT2LMHeadModel is not in halfsafe's architecture registry .supported: gemma"):
+        fix(model, TOKENIZER)
+
+
+# -- the command and the exported checkpoint ----------------------------------------------------
+
+RELOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+tokenizer = AutoTokenizer.from_pretrained(path)
+assert next(model.parameters()).dtype == torch.float16
+with torch.inference_mode():
+    result = [model(**tokenizer(p, return_tensors="pt")).logits[0].float() for p in prompts]
+torch.save(result, out)
+assert not any(name.startswith("halfsafe") for name in sys.modules)
+"""
+
+
+def reload_in_plain_transformers(path, prompts, tmp_path):
+    """Logits from the exported checkpoint, loaded in a fresh process that never imports halfsafe."""
+    out = tmp_path / "reloaded.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(path), json.dumps(prompts), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(out)
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_dirs, tmp_path, capsys):
+    from halfsafe.cli import main
+    from halfsafe.loading import load_model
+
+    source = tiny_dirs["gemma3_text", "residual"]
+    untouched = _tree(source)
+    out = tmp_path / "fixed"
+    assert main(["fix", str(source), "--out", str(out), "--plan-json", str(tmp_path / "plan.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "residual stream x 2^-3" in printed and "float16 fixed: all finite" in printed
+    assert _tree(source) == untouched  # the input is never modified
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float16"
+    block = config["halfsafe"]
+    assert block["plan"]["residual_scale"] == 0.125 and block["verification"]["fixed"]["nonfinite_share"] == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["plan"] == block["plan"]
+    assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
+    assert oct((out / "model.safetensors").stat().st_mode & 0o044) == oct(0o044)  # readable by others, like any checkpoint
+
+    # Loaded in a process without halfsafe, the checkpoint gives the in-memory fixed model's logits.
+    in_memory, _ = fix(load_model(str(source)).model, TOKENIZER)
+    for mine, theirs in zip(logits(in_memory), reload_in_plain_transformers(out, SHORT_PROMPTS, tmp_path)):
+        assert torch.isfinite(theirs).all()
+        torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
+
+
+def test_cli_fix_refuses_existing_output_and_writes_nothing_on_a_failed_gate(tiny_dirs, tmp_path, capsys):
+    from halfsafe.cli import main
+
+    source = str(tiny_dirs["llama", "residual"])
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    assert main(["fix", source, "--out", str(existing)]) == 2
+    assert "already exists; choose a new directory or pass --overwrite" in capsys.readouterr().err
+
+    assert main(["fix", source, "--out", str(existing), "--overwrite"]) == 0
+    assert (existing / "model.safetensors").exists()
+
+    out = tmp_path / "never"
+    assert main(["fix", source, "--out", str(out), "--max-kl", "1e-30"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was written" in err[0]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+    assert main(["fix", source, "--out", source]) == 2
+    assert "overlaps the input checkpoint" in capsys.readouterr().err
