@@ -39,3 +39,13 @@ def demo_diagnosis(demo):
     return diagnose(demo.model, demo.tokenizer, bundled_prompts(), name=demo.name)
 
 
+
+
+@pytest.fixture(scope="session")
+def demo_fixed():
+    """A second copy of the demo model, fixed for float16 in memory, with its report."""
+    from halfsafe.fixing import fix
+
+    loaded = load_model("demo")
+    model, report = fix(loaded.model, loaded.tokenizer)
+    return model, report

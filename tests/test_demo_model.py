@@ -1,5 +1,6 @@
 """The real gemma-3-270m base model (from PyPI): the failure the project exists for."""
 
+import pytest
 import torch
 
 from halfsafe.observing import RESIDUAL
@@ -37,3 +38,50 @@ def test_demo_prepends_bos_and_float16_sampling_fails_as_reported(demo):
             assert "probability tensor contains either" in str(exc)
         else:
             raise AssertionError("fp16 sampling on NaN logits should raise torch's multinomial error")
+
+
+def test_demo_fixed_float16_meets_the_acceptance_numbers(demo_fixed):
+    model, report = demo_fixed
+    fixed, bf16 = report.fixed, report.fidelity["bfloat16"]
+    assert report.plan.residual_scale == 2**-3  # 103,795 -> 12,974, 4x below 65,504
+    assert next(model.parameters()).dtype == torch.float16
+    assert fixed.nonfinite_share == 0
+    assert 1e-4 < bf16.kl_mean < 1e-2  # bf16: of order 1e-3
+    assert fixed.kl_mean <= bf16.kl_mean / 20
+    assert fixed.top1 >= 0.995
+    assert fixed.greedy_identical >= 0.9 and fixed.new_tokens == 32
+
+
+def test_demo_export_reproduces_the_numbers_in_plain_transformers(demo, demo_fixed, tmp_path):
+    from halfsafe.exporting import export_checkpoint
+    from halfsafe.prompts import HELDOUT, bundled_prompts
+    from halfsafe.verifying import position_metrics
+
+    from .test_fixing import reload_in_plain_transformers
+
+    model, report = demo_fixed
+    out = export_checkpoint(model, demo.tokenizer, tmp_path / "gemma-3-270m-halfsafe")
+    prompts = bundled_prompts(HELDOUT)
+    reloaded = reload_in_plain_transformers(out, prompts, tmp_path)
+    kl = []
+    with torch.inference_mode():
+        for prompt, theirs in zip(prompts, reloaded):
+            reference = demo.model(**demo.tokenizer(prompt, return_tensors="pt")).logits[0].float()
+            kl.append(position_metrics(reference, theirs)["kl"])
+    kl = torch.cat(kl)
+    assert torch.isfinite(kl).all()
+    assert float(kl.mean()) == pytest.approx(report.fixed.kl_mean, rel=1e-6)
+
+
+def test_demo_command_shows_failure_diagnosis_and_fix(demo, tmp_path, capsys):
+    """The README's main job, end to end (the model is already cached by the `demo` fixture)."""
+    from halfsafe.cli import main
+
+    plot = tmp_path / "demo.png"
+    assert main(["demo", "--plot", str(plot), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "RuntimeError: probability tensor contains either" in out
+    assert "<pad><pad><pad>" in out
+    assert "float16: UNSAFE - residual stream reaches" in out
+    assert "float16 fixed (rescale): all finite" in out
+    assert plot.read_bytes()[:4] == b"\x89PNG"

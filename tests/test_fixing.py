@@ -18,7 +18,7 @@ from halfsafe.testing import ARCHITECTURES, SHORT_PROMPTS, build_tiny_model, byt
 TOKENIZER = byte_tokenizer()
 TESTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
           "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
-          "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
+          "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Gemma3ForConditionalGeneration": "gemma3"}
 
 
 def logits(model, prompts=SHORT_PROMPTS):
@@ -28,7 +28,7 @@ def logits(model, prompts=SHORT_PROMPTS):
 
 
 def test_every_causal_registry_entry_has_a_tiny_model():
-    assert set(TESTED) | {"Gemma3ForConditionalGeneration"} == set(REGISTRY)
+    assert set(TESTED) == set(REGISTRY)
     assert set(TESTED.values()) <= set(ARCHITECTURES)
 
 
@@ -139,7 +139,7 @@ def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_di
     out = tmp_path / "fixed"
     assert main(["fix", str(source), "--out", str(out), "--plan-json", str(tmp_path / "plan.json")]) == 0
     printed = capsys.readouterr().out
-    assert "residual stream x 2^-3" in printed and "float16 fixed: all finite" in printed
+    assert "residual stream x 2^-3" in printed and "float16 fixed (rescale): all finite" in printed
     assert _tree(source) == untouched  # the input is never modified
 
     config = json.loads((out / "config.json").read_text())
@@ -177,3 +177,56 @@ def test_cli_fix_refuses_existing_output_and_writes_nothing_on_a_failed_gate(tin
 
     assert main(["fix", source, "--out", source]) == 2
     assert "overlaps the input checkpoint" in capsys.readouterr().err
+
+
+# -- the fallback: keep-fp32 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_keep_fp32_makes_planted_overflow_finite(arch):
+    model = build_tiny_model(arch, plant="residual")
+    reference = logits(model)
+    fixed, report = fix(model, TOKENIZER, strategy="keep-fp32")
+    assert report.strategy == "keep-fp32"
+    assert report.plan.kept_layers == [1, 2, 3]  # the planted layer and every layer after it
+    assert "second best to rescaling" in report.plan.describe()
+    assert report.plan.fp32_bytes > 0 and report.speed_ratio > 0
+    dtypes = {name: p.dtype for name, p in fixed.named_parameters()}
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.float16
+    assert dtypes["model.layers.1.mlp.down_proj.weight"] == torch.float32
+    for ref, out in zip(reference, logits(fixed)):
+        assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-2
+    assert report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
+
+
+def test_keep_fp32_works_where_the_registry_has_no_entry():
+    """GPT-2 is unknown to the registry: rescaling refuses it, keep-fp32 runs it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
+                                       eos_token_id=2)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight[:, 3] = 0.0
+        model.transformer.h[0].mlp.c_proj.bias[3] = 1e5  # every token's residual channel 3 reaches 1e5
+    reference = logits(model)
+    with cast_temporarily(model, torch.float16):
+        assert not all(torch.isfinite(x).all() for x in logits(model))
+    fixed, report = fix(model, TOKENIZER, strategy="keep-fp32", calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
+    assert report.plan.kept_layers == [0, 1]
+    for ref, out in zip(reference, logits(fixed)):
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+
+
+def test_cli_keep_fp32_reports_without_exporting(tiny_dirs, tmp_path, capsys):
+    from halfsafe.cli import main
+
+    source = str(tiny_dirs["qwen2", "residual"])
+    assert main(["fix", source, "--strategy", "keep-fp32", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot be exported" in capsys.readouterr().err
+    assert main(["fix", source, "--strategy", "keep-fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "plan (keep-fp32): keep 3 layer(s) in fp32 (layers 1-3)" in out and "speed:" in out
+    assert main(["fix", source]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err

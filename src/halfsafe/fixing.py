@@ -6,6 +6,7 @@ checkpoint that stock transformers or vLLM loads and runs at its usual float16 s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,8 @@ from . import __version__
 from .applying import apply_fix, is_tied, scaled_weights, use_fix
 from .dtypes import dtype_name, parse_dtype
 from .errors import HalfsafeError
-from .observing import observe
+from .keeping import KeepPlan, apply_keep_fp32, plan_keep_fp32, use_keep_fp32
+from .observing import SiteStat, encode, find_decoder_layers, observe
 from .planning import DEFAULT_MARGIN, Plan, make_plan
 from .precision import cast_temporarily
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
@@ -33,7 +35,9 @@ class VerificationFailed(HalfsafeError):
 
 @dataclass
 class FixReport:
-    plan: Plan
+    plan: Plan | KeepPlan
+    strategy: str = "rescale"
+    speed_ratio: float | None = None  # keep-fp32: forward throughput over the all-half model
     fidelity: dict[str, Fidelity] = field(default_factory=dict)  # "fixed", "bfloat16"
     max_kl: float | None = None  # the gate's KL bound (bf16's mean KL unless set)
     calibration_prompts: int = 0
@@ -46,7 +50,9 @@ class FixReport:
     def to_json(self) -> dict:
         return {
             "version": __version__,
+            "strategy": self.strategy,
             "plan": self.plan.to_json(),
+            "speed_ratio": self.speed_ratio,
             "calibration_prompts": self.calibration_prompts,
             "verification": {
                 "prompts": self.verification_prompts,
@@ -56,56 +62,102 @@ class FixReport:
         }
 
 
+STRATEGIES = ("rescale", "keep-fp32")
+
+
 def fix(
     model: nn.Module,
     tokenizer,
     *,
     dtype: torch.dtype | str = torch.float16,
+    strategy: str = "rescale",
     margin: float = DEFAULT_MARGIN,
     calibration: list[str] | None = None,
     heldout: list[str] | None = None,
     max_kl: float | None = None,
     verify: bool = True,
+    observation: list[SiteStat] | None = None,
     progress=None,
 ) -> tuple[nn.Module, FixReport]:
-    """Rescale `model` (fp32, in place) so it runs in `dtype` without overflow; cast it to `dtype`.
+    """Make `model` (fp32, changed in place) run in `dtype` without overflow.
 
-    Verification (unless `verify=False`) compares the fixed model on held-out prompts with the
+    strategy "rescale" (the fix): power-of-two rescaling of the weights, then the whole model
+    is cast to `dtype`; needs a registry entry. "keep-fp32" (the fallback, any architecture):
+    the overflowing layers keep fp32 weights and arithmetic, through hooks that need halfsafe.
+
+    Verification (unless `verify=False`) compares the result on held-out prompts with the
     fp32 model, next to bfloat16: any non-finite logit, or a mean KL above bfloat16's (or above
-    `max_kl`), raises VerificationFailed and leaves the model untouched.
+    `max_kl`), raises VerificationFailed and leaves the model untouched. Greedy decoding is
+    compared for the fixed model only (bfloat16's is `compare`'s business).
+
+    `observation`: the sites of an fp32 observation already made on the calibration prompts
+    (e.g. `diagnose(...).sites`), to skip observing again.
     """
     dtype = parse_dtype(dtype)
+    if strategy not in STRATEGIES:
+        raise HalfsafeError(f"unknown strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
     if next(model.parameters()).dtype != torch.float32:
         raise HalfsafeError("fix starts from float32 weights; load the model with dtype=torch.float32")
-    arch = architecture_of(model)
+    arch = architecture_of(model) if strategy == "rescale" else None
     calibration = calibration or bundled_prompts(CALIBRATION)
     heldout = heldout or bundled_prompts(HELDOUT)
-    recorder = observe(model, tokenizer, calibration, progress=progress)
-    plan = make_plan(
-        recorder.sites(), arch, recorder.num_layers, dtype=dtype, margin=margin,
-        attn_implementation=recorder.attn_implementation, tied=is_tied(model),
-    )
-    if plan.unfixable:
-        raise HalfsafeError(
-            f"rescaling cannot bring {plan.unfixable[0]} below the {dtype_name(dtype)} limit "
-            f"({len(plan.unfixable)} site(s) in all); use --strategy keep-fp32"
+    if observation is None:
+        observation = observe(model, tokenizer, calibration, progress=progress).sites()
+    if strategy == "rescale":
+        plan = make_plan(
+            observation, arch, len(find_decoder_layers(model)[1]), dtype=dtype, margin=margin,
+            attn_implementation=model.config._attn_implementation or "eager", tied=is_tied(model),
         )
-    report = FixReport(plan, calibration_prompts=len(calibration), verification_prompts=len(heldout))
-    weights = scaled_weights(model, arch, plan, dtype)
-    if plan.attn_implementation:
-        model.set_attn_implementation(plan.attn_implementation)
+        if plan.unfixable:
+            raise HalfsafeError(
+                f"rescaling cannot bring {plan.unfixable[0]} below the {dtype_name(dtype)} limit "
+                f"({len(plan.unfixable)} site(s) in all); use --strategy keep-fp32"
+            )
+        weights = scaled_weights(model, arch, plan, dtype)
+        variant = lambda: use_fix(model, arch, plan, weights)  # noqa: E731
+        commit = lambda: apply_fix(model, arch, plan, weights)  # noqa: E731
+        if plan.attn_implementation:
+            model.set_attn_implementation(plan.attn_implementation)
+    else:
+        plan = plan_keep_fp32(model, observation, dtype=dtype, margin=margin)
+        variant = lambda: use_keep_fp32(model, plan, dtype)  # noqa: E731
+        commit = lambda: apply_keep_fp32(model, plan, dtype)  # noqa: E731
+    report = FixReport(plan, strategy=strategy, calibration_prompts=len(calibration),
+                       verification_prompts=len(heldout))
     if verify:
-        variants = {"fixed": lambda: use_fix(model, arch, plan, weights)}
+        variants = {"fixed": variant}
         if dtype != torch.bfloat16:
             variants["bfloat16"] = lambda: cast_temporarily(model, torch.bfloat16)
         report.fidelity = measure_fidelity(model, tokenizer, heldout, variants, new_tokens=VERIFY_TOKENS,
-                                           progress=progress)
+                                           greedy=("fixed",), progress=progress)
         report.max_kl = max_kl if max_kl is not None else report.fidelity.get("bfloat16", report.fixed).kl_mean
         _gate(report)
-    apply_fix(model, arch, plan, weights)
+    if strategy == "keep-fp32":
+        report.speed_ratio = _speed_ratio(model, tokenizer, heldout[0], variant, dtype)
+    commit()
     model.config.dtype = dtype
     model.config.halfsafe = report.to_json()
     return model, report
+
+
+def _speed_ratio(model, tokenizer, prompt: str, variant, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Forward throughput of `variant` over the all-`dtype` model (values do not matter here)."""
+    batch = encode(tokenizer, prompt, next(model.parameters()).device)
+
+    def best_time() -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(**batch, use_cache=False)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    with torch.inference_mode():
+        with variant():
+            kept = best_time()
+        with cast_temporarily(model, dtype):
+            plain = best_time()
+    return plain / kept
 
 
 def _gate(report: FixReport) -> None:
@@ -126,8 +178,9 @@ def _gate(report: FixReport) -> None:
 def load_fixed(model: str, dtype: torch.dtype | str = torch.float16, *, device: str | None = None, **kwargs):
     """Load MODEL (directory, hub id, .gguf or 'demo'), fix it in memory, return (model, tokenizer).
 
-    For people who never want a second checkpoint. `kwargs` go to `fix` (margin, max_kl,
-    verify, calibration, heldout) or to loading (allow_pickle, trust_remote_code).
+    For people who never want a second checkpoint. `kwargs` go to `fix` (strategy, margin,
+    max_kl, verify, calibration, heldout) or to loading (allow_pickle, trust_remote_code,
+    attn_implementation).
     """
     from .loading import load_model
 

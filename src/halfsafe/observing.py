@@ -52,9 +52,16 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layer stack: the module list as long as the config's `num_hidden_layers`."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     depth = getattr(config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == depth and depth:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and depth and len(m) == depth]
+    # A multimodal model may hold a vision stack of the same depth: prefer the list that sits
+    # beside the input embedding, i.e. in the language model.
+    embedding = model.get_input_embeddings()
+    for name, module in found:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if any(child is embedding for child in parent.children()):
             return name, module
+    if found:
+        return found[0]
     raise HalfsafeError(
         f"cannot find the decoder layers of {type(model).__name__}: no module list of "
         f"num_hidden_layers={depth} entries; this is not a decoder-only causal LM"

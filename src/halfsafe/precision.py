@@ -38,3 +38,23 @@ def cast_temporarily(model: nn.Module, dtype: torch.dtype):
     weights = {n: p.data.to(dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype}
     with use_weights(model, weights):
         yield model
+
+
+@contextmanager
+def clamp_residual(model: nn.Module, bound: float = 64_504.0):
+    """Clamp every decoder layer's output to +-bound: the approach of T5 and of ONNX exports,
+    kept as a baseline to compare the fix against (it trades overflow for distortion)."""
+    from .observing import find_decoder_layers
+
+    def clamp(module, args, output):
+        if torch.is_tensor(output):
+            return output.clamp(-bound, bound)
+        return (output[0].clamp(-bound, bound), *output[1:])
+
+    _, layers = find_decoder_layers(model)
+    handles = [layer.register_forward_hook(clamp) for layer in layers]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -168,13 +169,14 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
 
 def fidelity_table(fidelity: dict, title: str) -> Table:
     """One row per variant, in the field's metrics (KL vs fp32, top-1, delta-p, greedy match)."""
-    table = Table(title=title)
-    for column in ("variant", "non-finite", "KL mean", "KL p99", "KL max", "top-1", "|dp|", "greedy"):
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("variant", "nonfin", "KL mean", "KL p99", "KL max", "top-1", "|dp|", "greedy"):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for name, f in fidelity.items():
         table.add_row(
-            name, f"{f.nonfinite_share:.1%}", _sci(f.kl_mean), _sci(f.kl_p99), _sci(f.kl_max), f"{f.top1:.4f}",
-            _sci(f.delta_p_mean), f"{f.greedy_match_mean:.1f}/{f.new_tokens} {f.greedy_identical:.0%}",
+            name, f"{f.nonfinite_share:.0%}", _sci(f.kl_mean), _sci(f.kl_p99), _sci(f.kl_max), f"{f.top1:.2%}",
+            _sci(f.delta_p_mean),
+            f"{f.greedy_match_mean:.1f} {f.greedy_identical:.0%}" if f.new_tokens else "-",
         )
     return table
 
@@ -184,13 +186,16 @@ def _sci(value: float) -> str:
 
 
 def render_fix(report, console: Console) -> None:
-    console.print(f"plan: {report.plan.describe()}", markup=False, highlight=False)
+    console.print(f"plan ({report.strategy}): {report.plan.describe()}", markup=False, highlight=False)
+    if report.speed_ratio is not None:
+        console.print(f"speed: {report.speed_ratio:.2f}x the forward throughput of the all-{report.plan.dtype} model",
+                      markup=False, highlight=False)
     if not report.fidelity:
         return
     console.print(fidelity_table(report.fidelity, f"verification on {report.verification_prompts} held-out prompts "
-                                                  "vs fp32 (greedy: match length / same)"))
+                                                  "vs fp32 (greedy: mean match of 32 tokens, share identical)"))
     fixed, bf16 = report.fixed, report.fidelity.get("bfloat16")
-    line = f"{report.plan.dtype} fixed: all finite, mean KL {fixed.kl_mean:.2e}"
+    line = f"{report.plan.dtype} fixed ({report.strategy}): all finite, mean KL {fixed.kl_mean:.2e}"
     if bf16 is not None and fixed.kl_mean > 0:
         line += f" ({bf16.kl_mean / fixed.kl_mean:.0f}x closer to fp32 than bfloat16's {bf16.kl_mean:.2e})"
     console.print(line + f", top-1 {fixed.top1:.2%}", style="bold green", markup=False, highlight=False)

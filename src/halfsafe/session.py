@@ -65,7 +65,8 @@ def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
 
     kwargs["calibration"] = kwargs.get("calibration") or bundled_prompts(CALIBRATION)
     kwargs["heldout"] = kwargs.get("heldout") or bundled_prompts(HELDOUT)
-    passes = len(kwargs["calibration"]) + len(kwargs["heldout"]) + 2  # observation, verification, greedy runs
+    observing = 0 if kwargs.get("observation") is not None else len(kwargs["calibration"])
+    passes = observing + len(kwargs["heldout"]) + 1  # observation, verification, greedy run
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("fixing", total=passes)

@@ -56,6 +56,14 @@ ARCHITECTURES = {
                    layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]),
         post_mlp_norm="post_feedforward_layernorm",  # Gemma applies (1 + w)
     ),
+    # Gemma 3 with its vision tower: AutoModelForCausalLM gives Gemma3ForConditionalGeneration.
+    "gemma3": dict(
+        config="Gemma3Config", text="gemma3_text",
+        extra=dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=32, patch_size=16),
+                   mm_tokens_per_image=4, image_token_index=300, boi_token_index=301, eoi_token_index=302),
+        post_mlp_norm="post_feedforward_layernorm",
+    ),
 }
 
 
@@ -63,6 +71,9 @@ def tiny_config(arch: str, **overrides):
     import transformers
 
     spec = ARCHITECTURES[arch]
+    if "text" in spec:  # a multimodal config around a tiny text config
+        text = tiny_config(spec["text"]).to_dict()
+        return getattr(transformers, spec["config"])(text_config=text, **spec["extra"], **overrides)
     fields = dict(_COMMON, **spec["extra"], **overrides)
     return getattr(transformers, spec["config"])(**fields)
 
@@ -123,11 +134,12 @@ def _bos_neuron(model) -> tuple[torch.nn.Module, int]:
     embed[:, detector] = 0.0
     embed[BOS, detector] = embed[BOS].abs().max() * 4
     # No earlier writer touches the detector channel, so it is exactly 0 for every other token.
-    for index, earlier in enumerate(model.model.layers[: PLANT_LAYER + 1]):
+    layers = _layers(model)
+    for index, earlier in enumerate(layers[: PLANT_LAYER + 1]):
         earlier.self_attn.o_proj.weight[detector] = 0.0
         if index < PLANT_LAYER:
             _zero_mlp_row(earlier.mlp, detector)
-    layer = model.model.layers[PLANT_LAYER]
+    layer = layers[PLANT_LAYER]
     neuron = 0
     for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
         proj.weight[neuron] = 0.0
@@ -170,8 +182,14 @@ def _plant_interior(model) -> None:
     mlp.down_proj.weight[CHANNEL, neuron] = 1e4 / MASSIVE
 
 
+def _layers(model):
+    from .observing import find_decoder_layers
+
+    return find_decoder_layers(model)[1]
+
+
 def _plant_attention_logits(model) -> None:
-    attention = model.model.layers[0].self_attn
+    attention = _layers(model)[0].self_attn
     # Every q and k element 80 with head_dim 16: q.k = 16 * 6400 = 102,400 > 65,504 on the diagonal.
     attention.q_proj.bias.fill_(80.0)
     attention.k_proj.bias.fill_(80.0)

@@ -36,9 +36,9 @@ class Fidelity:
     kl_max: float
     top1: float
     delta_p_mean: float
-    greedy_match_mean: float  # tokens equal to fp32's before the first difference, averaged over prompts
-    greedy_identical: float  # share of prompts whose whole continuation equals fp32's
-    new_tokens: int
+    greedy_match_mean: float | None  # tokens equal to fp32's before the first difference, mean over prompts
+    greedy_identical: float | None  # share of prompts whose whole continuation equals fp32's
+    new_tokens: int  # 0 where greedy decoding was not measured
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -66,9 +66,15 @@ def measure_fidelity(
     variants: dict[str, Variant],
     *,
     new_tokens: int = 32,
+    greedy: tuple[str, ...] | None = None,
     progress=None,
 ) -> dict[str, Fidelity]:
-    """Fidelity of each variant of `model` against `model` as it is (fp32)."""
+    """Fidelity of each variant of `model` against `model` as it is (fp32).
+
+    Greedy decoding is measured for the variants named in `greedy` (default: all); on a CPU it
+    costs more than everything else together, since half-precision kernels are slow there.
+    """
+    greedy = tuple(variants) if greedy is None else greedy
     device = next(model.parameters()).device
     collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": []} for name in variants}
     with torch.inference_mode():
@@ -82,14 +88,16 @@ def measure_fidelity(
                     collected[name][key].append(value.cpu())
             if progress is not None:
                 progress()
-        ref_tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+        ref_tokens = greedy_tokens(model, tokenizer, prompts, new_tokens) if greedy and new_tokens else None
         results = {}
         for name, variant in variants.items():
-            with variant():
-                tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+            tokens = None
+            if ref_tokens is not None and name in greedy:
+                with variant():
+                    tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+                if progress is not None:
+                    progress()
             results[name] = _summarise(name, collected[name], ref_tokens, tokens, new_tokens)
-            if progress is not None:
-                progress()
     return results
 
 
@@ -118,7 +126,7 @@ def match_lengths(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
 def _summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
     kl = torch.cat(collected["kl"])
     finite = torch.cat(collected["finite"])
-    lengths = match_lengths(ref_tokens, tokens)
+    lengths = match_lengths(ref_tokens, tokens) if tokens is not None else None
     return Fidelity(
         variant=name,
         positions=int(kl.numel()),
@@ -128,7 +136,7 @@ def _summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
         kl_max=float(kl.max()),
         top1=float(torch.cat(collected["top1"]).float().mean()),
         delta_p_mean=float(torch.cat(collected["delta_p"]).mean()),
-        greedy_match_mean=float(lengths.float().mean()),
-        greedy_identical=float((lengths == new_tokens).float().mean()),
-        new_tokens=new_tokens,
+        greedy_match_mean=float(lengths.float().mean()) if lengths is not None else None,
+        greedy_identical=float((lengths == new_tokens).float().mean()) if lengths is not None else None,
+        new_tokens=new_tokens if lengths is not None else 0,
     )

@@ -1,0 +1,117 @@
+"""`fix` on the demo model: cost, fidelity next to the alternatives, and generation speed.
+
+Prints, with the machine:
+1. fix time (observation + plan + scaled weights, then verification) and peak memory, after load;
+2. the fidelity table on the bundled held-out prompts, reference fp32: bf16, plain fp16,
+   fp16 with the residual clamped at +-64,504 (what T5 and ONNX exports do), fixed fp16;
+3. greedy generation speed, fixed fp16 vs bf16 vs fp32, batch 1, measured in one run.
+
+Run: python benchmarks/bench_fix.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import PeakRSS, machine, model_bytes  # noqa: E402
+
+from halfsafe.applying import is_tied, scaled_weights, use_fix  # noqa: E402
+from halfsafe.fixing import fix  # noqa: E402
+from halfsafe.loading import load_model  # noqa: E402
+from halfsafe.observing import encode, observe  # noqa: E402
+from halfsafe.planning import make_plan  # noqa: E402
+from halfsafe.precision import cast_temporarily, clamp_residual  # noqa: E402
+from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
+from halfsafe.registry import architecture_of  # noqa: E402
+from halfsafe.session import quiet_transformers  # noqa: E402
+from halfsafe.verifying import measure_fidelity  # noqa: E402
+
+SPEED_TOKENS = 32
+SPEED_REPEATS = 3
+
+
+def tokens_per_second(model, tokenizer, prompt: str) -> float:
+    batch = encode(tokenizer, prompt, next(model.parameters()).device)
+    best = float("inf")
+    for _ in range(SPEED_REPEATS):
+        started = time.perf_counter()
+        model.generate(**batch, max_new_tokens=SPEED_TOKENS, min_new_tokens=SPEED_TOKENS, do_sample=False,
+                       top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        best = min(best, time.perf_counter() - started)
+    return SPEED_TOKENS / best
+
+
+def main() -> None:
+    quiet_transformers()
+    print(f"machine: {machine()}")
+
+    # 1. the cost of `fix` itself, on its own copy of the model
+    loaded = load_model("demo")
+    size = model_bytes(loaded.model)
+    with PeakRSS() as memory:
+        started = time.perf_counter()
+        _, report = fix(loaded.model, loaded.tokenizer)
+        seconds = time.perf_counter() - started
+    print(f"model: {loaded.name}, fp32 weights {size / 2**30:.2f} GiB")
+    print(f"plan: {report.plan.describe()}")
+    print(f"fix time (observe 37 prompts, plan, scale, verify on 16 held-out with 32 greedy tokens): {seconds:.1f} s "
+          "(target < 60 s)")
+    print(f"peak resident memory during fix: {memory.peak / 2**30:.2f} GiB = {memory.peak / size:.2f}x the fp32 weights")
+    del loaded, report
+
+    # 2. fidelity of every variant, from one fp32 model
+    loaded = load_model("demo")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    arch = architecture_of(model)
+    started = time.perf_counter()
+    plan = make_plan(observe(model, tokenizer, bundled_prompts()).sites(), arch, len(model.model.layers),
+                     dtype=torch.float16, tied=is_tied(model))
+    weights = scaled_weights(model, arch, plan, torch.float16)
+    print(f"observe + plan + scaled weights alone: {time.perf_counter() - started:.1f} s")
+
+    @contextmanager
+    def clamped():
+        with cast_temporarily(model, torch.float16), clamp_residual(model):
+            yield model
+
+    variants = {
+        "bf16": lambda: cast_temporarily(model, torch.bfloat16),
+        "fp16": lambda: cast_temporarily(model, torch.float16),
+        "fp16-clamp": clamped,
+        "fp16-fixed": lambda: use_fix(model, arch, plan, weights),
+    }
+    prompts = bundled_prompts(HELDOUT)
+    fidelity = measure_fidelity(model, tokenizer, prompts, variants, new_tokens=32)
+    print(f"\nfidelity vs fp32 on {len(prompts)} held-out prompts ({fidelity['bf16'].positions} positions), "
+          "greedy over 32 new tokens:")
+    print("| variant | non-finite | KL mean | KL p99 | KL max | top-1 | mean abs dp | greedy match | identical |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("| fp32 | 0% | 0 | 0 | 0 | 100% | 0 | 32.0 | 100% |")
+    for name, f in fidelity.items():
+        print(f"| {name} | {f.nonfinite_share:.0%} | {f.kl_mean:.2e} | {f.kl_p99:.2e} | {f.kl_max:.2e} | "
+              f"{f.top1:.2%} | {f.delta_p_mean:.2e} | {f.greedy_match_mean:.1f} | {f.greedy_identical:.0%} |")
+    fixed, bf16 = fidelity["fp16-fixed"], fidelity["bf16"]
+    print(f"fixed fp16 mean KL is {bf16.kl_mean / fixed.kl_mean:.0f}x smaller than bf16's (target >= 20x)")
+
+    # 3. generation speed, batch 1, same prompt, one run
+    prompt = "The capital of France is"
+    with torch.inference_mode():
+        speeds = {"fp32": tokens_per_second(model, tokenizer, prompt)}
+        with cast_temporarily(model, torch.bfloat16):
+            speeds["bf16"] = tokens_per_second(model, tokenizer, prompt)
+        with use_fix(model, arch, plan, weights):
+            speeds["fp16-fixed"] = tokens_per_second(model, tokenizer, prompt)
+    print(f"\ngreedy generation, batch 1, {SPEED_TOKENS} new tokens, best of {SPEED_REPEATS}: "
+          + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speeds.items()))
+    print(f"fixed fp16 / bf16 speed ratio: {speeds['fp16-fixed'] / speeds['bf16']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
