@@ -85,3 +85,19 @@ def test_demo_command_shows_failure_diagnosis_and_fix(demo, tmp_path, capsys):
     assert "float16: UNSAFE - residual stream reaches" in out
     assert "float16 fixed (rescale): all finite" in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_compare_orders_the_variants_as_the_issue_expects(demo):
+    """fp16 non-finite; bf16 ~1e-3; fixed at most 1/20 of bf16; clamped finite but worse than fixed."""
+    from halfsafe.comparing import compare
+    from halfsafe.prompts import HELDOUT, bundled_prompts
+
+    results = compare(demo.model, demo.tokenizer, bundled_prompts(HELDOUT)[:8],
+                      ["fp32", "bf16", "fp16", "fp16-clamp", "fp16-fixed"], new_tokens=0, speed=False)
+    f = {r.variant: r.fidelity for r in results}
+    assert f["fp32"].kl_mean == 0
+    assert f["fp16"].nonfinite_share == 1
+    assert f["bf16"].nonfinite_share == 0 and 1e-4 < f["bf16"].kl_mean < 1e-2
+    assert f["fp16-fixed"].nonfinite_share == 0 and f["fp16-fixed"].kl_mean <= f["bf16"].kl_mean / 20
+    assert f["fp16-clamp"].nonfinite_share == 0 and f["fp16-clamp"].kl_mean > 10 * f["fp16-fixed"].kl_mean
+    assert next(demo.model.parameters()).dtype == torch.float32  # the reference is left as it was

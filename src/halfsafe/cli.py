@@ -62,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     fix.add_argument("--plan-json", metavar="PATH", help="also write the plan and verification numbers as JSON")
 
+    compare = commands.add_parser(
+        "compare",
+        help="fidelity and speed of fp32, bf16, fp16, fixed fp16 (and more) against fp32",
+        description="Per variant: non-finite share; KL(fp32 || variant) mean, p99, max; top-1 agreement; "
+        "mean |delta p|; perplexity; greedy-match length; greedy tokens/s at batch 1 and 8; weight memory.",
+    )
+    compare.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
+    _add_model_options(compare)
+    compare.add_argument("--variants", default="fp32,bf16,fp16,fp16-fixed",
+                         help="comma-separated: fp32, bf16, fp16, fp16-fixed, fp16-clamp, fixed:DIR")
+    compare.add_argument("--texts", metavar="FILE", help="evaluation texts (default: the bundled held-out set)")
+    compare.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared with fp32 (default 32)")
+    compare.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
+    compare.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
+    compare.add_argument("--plot", metavar="PATH", help="write a PNG of the per-position KL distributions")
+
     demo = commands.add_parser(
         "demo",
         help="the float16 failure and its diagnosis on gemma-3-270m (from PyPI, cached locally)",
@@ -91,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_diagnose(args)
         if args.command == "fix":
             return run_fix(args)
+        if args.command == "compare":
+            return run_compare(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -175,6 +193,38 @@ def run_fix(args) -> int:
         console.print(f"fixed checkpoint written to {out}", highlight=False)
     if plan_path:
         write_json(report.to_json(), plan_path)
+    return 0
+
+
+def run_compare(args) -> int:
+    from rich.console import Console
+
+    from .comparing import parse_variants
+    from .prompts import HELDOUT, bundled_prompts, read_prompts
+    from .reporting import check_output_path, plot_comparison, render_comparison, write_json
+    from .session import compare_with_progress, load_for_cli
+
+    names = parse_variants(args.variants)
+    texts = read_prompts(args.texts) if args.texts else bundled_prompts(HELDOUT)
+    if args.new_tokens < 0:
+        raise HalfsafeError(f"--new-tokens {args.new_tokens} must be 0 or more")
+    json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
+    plot_path = check_output_path(args.plot, "plot") if args.plot else None
+
+    console = Console()
+    loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
+                          trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+    results = compare_with_progress(loaded, console, texts, names, new_tokens=args.new_tokens,
+                                                speed=not args.no_speed)
+    title = f"{loaded.name}: {len(texts)} texts, {results[0].fidelity.positions} positions, reference fp32"
+    render_comparison(results, console, title)
+    if json_path:
+        write_json({"schema_version": 1, "model": loaded.name, "texts": len(texts),
+                    "variants": [r.to_json() for r in results]}, json_path)
+        console.print(f"JSON written to {json_path}", highlight=False)
+    if plot_path:
+        plot_comparison(results, plot_path, title)
+        console.print(f"plot written to {plot_path}", highlight=False)
     return 0
 
 

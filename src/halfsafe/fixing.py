@@ -104,15 +104,7 @@ def fix(
     if observation is None:
         observation = observe(model, tokenizer, calibration, progress=progress).sites()
     if strategy == "rescale":
-        plan = make_plan(
-            observation, arch, len(find_decoder_layers(model)[1]), dtype=dtype, margin=margin,
-            attn_implementation=model.config._attn_implementation or "eager", tied=is_tied(model),
-        )
-        if plan.unfixable:
-            raise HalfsafeError(
-                f"rescaling cannot bring {plan.unfixable[0]} below the {dtype_name(dtype)} limit "
-                f"({len(plan.unfixable)} site(s) in all); use --strategy keep-fp32"
-            )
+        plan = plan_rescale(model, observation, dtype=dtype, margin=margin)
         weights = scaled_weights(model, arch, plan, dtype)
         variant = lambda: use_fix(model, arch, plan, weights)  # noqa: E731
         commit = lambda: apply_fix(model, arch, plan, weights)  # noqa: E731
@@ -138,6 +130,20 @@ def fix(
     model.config.dtype = dtype
     model.config.halfsafe = report.to_json()
     return model, report
+
+
+def plan_rescale(model: nn.Module, observation: list[SiteStat], *, dtype: torch.dtype, margin: float) -> Plan:
+    """The rescaling plan for `model` from an fp32 observation; refuses what it cannot fix."""
+    plan = make_plan(
+        observation, architecture_of(model), len(find_decoder_layers(model)[1]), dtype=dtype, margin=margin,
+        attn_implementation=model.config._attn_implementation or "eager", tied=is_tied(model),
+    )
+    if plan.unfixable:
+        raise HalfsafeError(
+            f"rescaling cannot bring {plan.unfixable[0]} below the {dtype_name(dtype)} limit "
+            f"({len(plan.unfixable)} site(s) in all); use --strategy keep-fp32"
+        )
+    return plan
 
 
 def _speed_ratio(model, tokenizer, prompt: str, variant, dtype: torch.dtype, repeats: int = 3) -> float:

@@ -42,18 +42,35 @@ def cast_temporarily(model: nn.Module, dtype: torch.dtype):
 
 @contextmanager
 def clamp_residual(model: nn.Module, bound: float = 64_504.0):
-    """Clamp every decoder layer's output to +-bound: the approach of T5 and of ONNX exports,
-    kept as a baseline to compare the fix against (it trades overflow for distortion)."""
-    from .observing import find_decoder_layers
+    """Clamp the residual stream to +-bound after every addition: the approach of T5 and of
+    ONNX exports, kept as a baseline to compare the fix against (it trades overflow for
+    distortion).
 
-    def clamp(module, args, output):
+    The additions are inline code, not modules, so the clamps sit where the sums are read:
+    before every norm that reads the stream (in place, so the layer's `residual` variable,
+    the same tensor, is clamped too) and on every layer's output. The readers come from the
+    architecture registry.
+    """
+    from .observing import find_decoder_layers
+    from .registry import architecture_of
+
+    arch = architecture_of(model)
+
+    def clamp_input(module, args):
+        args[0].clamp_(-bound, bound)
+
+    def clamp_output(module, args, output):
         if torch.is_tensor(output):
             return output.clamp(-bound, bound)
         return (output[0].clamp(-bound, bound), *output[1:])
 
     _, layers = find_decoder_layers(model)
-    handles = [layer.register_forward_hook(clamp) for layer in layers]
+    handles = []
     try:
+        for layer in layers:
+            handles.append(layer.register_forward_hook(clamp_output))
+            for reader in arch.readers:
+                handles.append(layer.get_submodule(reader).register_forward_pre_hook(clamp_input))
         yield model
     finally:
         for handle in handles:

@@ -199,3 +199,56 @@ def render_fix(report, console: Console) -> None:
     if bf16 is not None and fixed.kl_mean > 0:
         line += f" ({bf16.kl_mean / fixed.kl_mean:.0f}x closer to fp32 than bfloat16's {bf16.kl_mean:.2e})"
     console.print(line + f", top-1 {fixed.top1:.2%}", style="bold green", markup=False, highlight=False)
+
+
+def render_comparison(results, console: Console, title: str) -> None:
+    console.print(fidelity_table({r.variant: r.fidelity for r in results}, title))
+    table = Table(title="perplexity, speed (greedy) and memory", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("variant", "perplexity", "tok/s batch 1", "tok/s batch 8", "weights", "peak GPU"):
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
+    for r in results:
+        table.add_row(
+            r.variant, _num(r.fidelity.perplexity), _num(r.tokens_per_s_batch1), _num(r.tokens_per_s_batch8),
+            f"{r.weights_bytes / 2**30:.2f} GiB",
+            f"{r.peak_gpu_bytes / 2**30:.2f} GiB" if r.peak_gpu_bytes is not None else "-",
+        )
+    console.print(table)
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if math.isfinite(value) else str(value)
+
+
+def plot_comparison(results, path: str | Path, title: str) -> Path:
+    """PNG: the distribution of per-position KL(fp32 || variant), log x axis, one line per variant."""
+    path = check_output_path(path, "plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    bins = np.logspace(-10, 1, 56)
+    for result in results:
+        name, fidelity = result.variant, result.fidelity
+        values = np.asarray(fidelity.kl_values, dtype=float)
+        if name == "fp32" or values.size == 0:
+            continue
+        if not np.isfinite(values).all():
+            ax.plot([], [], " ", label=f"{name}: non-finite at {fidelity.nonfinite_share:.0%} of positions")
+            continue
+        ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.8,
+                label=f"{name} (mean {fidelity.kl_mean:.1e})")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(fp32 || variant) per token position")
+    ax.set_ylabel("positions")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda temporary: fig.savefig(temporary, format="png"))
+    plt.close(fig)
+    return path

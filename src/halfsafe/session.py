@@ -71,3 +71,13 @@ def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("fixing", total=passes)
         return fix(loaded.model, loaded.tokenizer, progress=lambda: progress.advance(task), **kwargs)
+
+
+def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str], names: list[str], **kwargs):
+    from .comparing import compare
+
+    passes = len(texts) + len(names)  # one forward per text for every variant, then greedy per variant
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("comparing", total=passes)
+        return compare(loaded.model, loaded.tokenizer, texts, names, progress=lambda: progress.advance(task), **kwargs)

@@ -4,7 +4,8 @@ Per token position, reference = the model in fp32:
 - KL(p_ref || p_test) over the full vocabulary; mean, p99 and max over positions;
 - top-1 agreement (llama.cpp's "same top p");
 - |delta p|: the change in probability of the reference's argmax token;
-- non-finite share: positions whose logits hold any NaN or inf (KL counts them as inf).
+- non-finite share: positions whose logits hold any NaN or inf (KL counts them as inf);
+- perplexity of the prompts themselves, read as text.
 Per prompt: greedy-match length, how many of N greedy tokens equal fp32's before the first
 difference.
 
@@ -15,7 +16,7 @@ same numbers the same way.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +24,9 @@ from torch import nn
 
 from .observing import encode
 
-Variant = Callable[[], AbstractContextManager]  # enters the model into the variant, restores on exit
+# A variant is a factory of context managers: entering one yields the model to run (the
+# reference model changed in place, or another model), exiting restores the reference.
+Variant = Callable[[], AbstractContextManager]
 
 
 @dataclass
@@ -36,16 +39,23 @@ class Fidelity:
     kl_max: float
     top1: float
     delta_p_mean: float
+    perplexity: float  # on the prompts themselves, as text
     greedy_match_mean: float | None  # tokens equal to fp32's before the first difference, mean over prompts
     greedy_identical: float | None  # share of prompts whose whole continuation equals fp32's
     new_tokens: int  # 0 where greedy decoding was not measured
+    kl_values: list[float] = field(default_factory=list, repr=False)  # per position, for plots
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["kl_values"]
+        return data
 
 
-def position_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
-    """reference, test: [T, V] logits -> per-position kl, top1, delta_p, finite: [T] each."""
+def position_metrics(reference: torch.Tensor, test: torch.Tensor, targets: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """reference, test: [T, V] logits -> per-position kl, top1, delta_p, finite: [T] each;
+    with `targets` ([T - 1], the next tokens), also nll: [T - 1], the test's negative
+    log-likelihood of the text (inf where its logits are not finite)."""
     finite = torch.isfinite(test).all(dim=-1)
     ref_logp = torch.log_softmax(reference.double(), dim=-1)
     test_logp = torch.log_softmax(torch.nan_to_num(test.double(), nan=0.0, posinf=0.0, neginf=0.0), dim=-1)
@@ -56,7 +66,11 @@ def position_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, t
     p_ref = ref_logp.exp().gather(-1, top[:, None])[:, 0]
     p_test = test_logp.exp().gather(-1, top[:, None])[:, 0]
     delta_p = torch.where(finite, (p_ref - p_test).abs(), p_ref)
-    return {"kl": kl, "top1": top1, "delta_p": delta_p, "finite": finite}
+    metrics = {"kl": kl, "top1": top1, "delta_p": delta_p, "finite": finite}
+    if targets is not None:
+        nll = -test_logp[:-1].gather(-1, targets[:, None].to(test_logp.device))[:, 0]
+        metrics["nll"] = torch.where(finite[:-1], nll, torch.full_like(nll, float("inf")))
+    return metrics
 
 
 def measure_fidelity(
@@ -76,15 +90,16 @@ def measure_fidelity(
     """
     greedy = tuple(variants) if greedy is None else greedy
     device = next(model.parameters()).device
-    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": []} for name in variants}
+    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": []} for name in variants}
     with torch.inference_mode():
         for prompt in prompts:
             batch = encode(tokenizer, prompt, device)
             reference = model(**batch, use_cache=False).logits[0].float()  # [T, V]
             for name, variant in variants.items():
-                with variant():
-                    test = model(**batch, use_cache=False).logits[0].float()
-                for key, value in position_metrics(reference, test).items():
+                with variant() as running:
+                    test = running(**batch, use_cache=False).logits[0].float()
+                targets = batch["input_ids"][0, 1:]
+                for key, value in position_metrics(reference, test, targets).items():
                     collected[name][key].append(value.cpu())
             if progress is not None:
                 progress()
@@ -93,8 +108,8 @@ def measure_fidelity(
         for name, variant in variants.items():
             tokens = None
             if ref_tokens is not None and name in greedy:
-                with variant():
-                    tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+                with variant() as running:
+                    tokens = greedy_tokens(running, tokenizer, prompts, new_tokens)
                 if progress is not None:
                     progress()
             results[name] = _summarise(name, collected[name], ref_tokens, tokens, new_tokens)
@@ -136,7 +151,9 @@ def _summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
         kl_max=float(kl.max()),
         top1=float(torch.cat(collected["top1"]).float().mean()),
         delta_p_mean=float(torch.cat(collected["delta_p"]).mean()),
+        perplexity=float(torch.cat(collected["nll"]).mean().exp()),
         greedy_match_mean=float(lengths.float().mean()) if lengths is not None else None,
         greedy_identical=float((lengths == new_tokens).float().mean()) if lengths is not None else None,
         new_tokens=new_tokens if lengths is not None else 0,
+        kl_values=kl.tolist(),
     )
