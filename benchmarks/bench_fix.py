@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,14 +21,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import PeakRSS, machine, model_bytes  # noqa: E402
 
-from halfsafe.applying import is_tied, scaled_weights, use_fix  # noqa: E402
+from halfsafe.comparing import build_variants  # noqa: E402
 from halfsafe.fixing import fix  # noqa: E402
+from halfsafe.observing import encode  # noqa: E402
 from halfsafe.loading import load_model  # noqa: E402
-from halfsafe.observing import encode, observe  # noqa: E402
-from halfsafe.planning import make_plan  # noqa: E402
-from halfsafe.precision import cast_temporarily, clamp_residual  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
-from halfsafe.registry import architecture_of  # noqa: E402
 from halfsafe.session import quiet_transformers  # noqa: E402
 from halfsafe.verifying import measure_fidelity  # noqa: E402
 
@@ -66,48 +62,33 @@ def main() -> None:
     print(f"peak resident memory during fix: {memory.peak / 2**30:.2f} GiB = {memory.peak / size:.2f}x the fp32 weights")
     del loaded, report
 
-    # 2. fidelity of every variant, from one fp32 model
+    # 2. fidelity of every variant, from one fp32 model, built as `halfsafe compare` builds them
     loaded = load_model("demo")
     model, tokenizer = loaded.model, loaded.tokenizer
-    arch = architecture_of(model)
+    names = ["fp32", "bf16", "fp16", "fp16-clamp", "fp16-fixed"]
     started = time.perf_counter()
-    plan = make_plan(observe(model, tokenizer, bundled_prompts()).sites(), arch, len(model.model.layers),
-                     dtype=torch.float16, tied=is_tied(model))
-    weights = scaled_weights(model, arch, plan, torch.float16)
-    print(f"observe + plan + scaled weights alone: {time.perf_counter() - started:.1f} s")
-
-    @contextmanager
-    def clamped():
-        with cast_temporarily(model, torch.float16), clamp_residual(model):
-            yield model
-
-    variants = {
-        "bf16": lambda: cast_temporarily(model, torch.bfloat16),
-        "fp16": lambda: cast_temporarily(model, torch.float16),
-        "fp16-clamp": clamped,
-        "fp16-fixed": lambda: use_fix(model, arch, plan, weights),
-    }
+    variants = build_variants(model, tokenizer, names, calibration=bundled_prompts(), margin=4.0)
+    print(f"variants built (the fixed one: observe + plan + scaled weights): {time.perf_counter() - started:.1f} s")
     prompts = bundled_prompts(HELDOUT)
     fidelity = measure_fidelity(model, tokenizer, prompts, variants, new_tokens=32)
     print(f"\nfidelity vs fp32 on {len(prompts)} held-out prompts ({fidelity['bf16'].positions} positions), "
           "greedy over 32 new tokens:")
-    print("| variant | non-finite | KL mean | KL p99 | KL max | top-1 | mean abs dp | greedy match | identical |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("| fp32 | 0% | 0 | 0 | 0 | 100% | 0 | 32.0 | 100% |")
+    print("| variant | non-finite | KL mean | KL p99 | KL max | top-1 | mean abs dp | perplexity | greedy match | identical |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, f in fidelity.items():
         print(f"| {name} | {f.nonfinite_share:.0%} | {f.kl_mean:.2e} | {f.kl_p99:.2e} | {f.kl_max:.2e} | "
-              f"{f.top1:.2%} | {f.delta_p_mean:.2e} | {f.greedy_match_mean:.1f} | {f.greedy_identical:.0%} |")
+              f"{f.top1:.2%} | {f.delta_p_mean:.2e} | {f.perplexity:.3f} | {f.greedy_match_mean:.1f} | "
+              f"{f.greedy_identical:.0%} |")
     fixed, bf16 = fidelity["fp16-fixed"], fidelity["bf16"]
     print(f"fixed fp16 mean KL is {bf16.kl_mean / fixed.kl_mean:.0f}x smaller than bf16's (target >= 20x)")
 
     # 3. generation speed, batch 1, same prompt, one run
     prompt = "The capital of France is"
+    speeds = {}
     with torch.inference_mode():
-        speeds = {"fp32": tokens_per_second(model, tokenizer, prompt)}
-        with cast_temporarily(model, torch.bfloat16):
-            speeds["bf16"] = tokens_per_second(model, tokenizer, prompt)
-        with use_fix(model, arch, plan, weights):
-            speeds["fp16-fixed"] = tokens_per_second(model, tokenizer, prompt)
+        for name in ("fp32", "bf16", "fp16-fixed"):
+            with variants[name]() as running:
+                speeds[name] = tokens_per_second(running, tokenizer, prompt)
     print(f"\ngreedy generation, batch 1, {SPEED_TOKENS} new tokens, best of {SPEED_REPEATS}: "
           + ", ".join(f"{k} {v:.1f} tok/s" for k, v in speeds.items()))
     print(f"fixed fp16 / bf16 speed ratio: {speeds['fp16-fixed'] / speeds['bf16']:.2f}")

@@ -123,12 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_diagnose(args) -> int:
-    from rich.console import Console
-
     from .dtypes import parse_dtype
     from .prompts import bundled_prompts, read_prompts
     from .reporting import check_output_path, plot_diagnosis, render_diagnosis, write_json
-    from .session import diagnose_with_progress, load_for_cli
+    from .session import diagnose_with_progress, load_for_cli, make_console
 
     # Everything that can be refused is refused before the model loads.
     dtype = parse_dtype(args.dtype)
@@ -138,7 +136,7 @@ def run_diagnose(args) -> int:
     json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
     plot_path = check_output_path(args.plot, "plot") if args.plot else None
 
-    console = Console(stderr=False)
+    console = make_console()
     loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
                           trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
     diagnosis = diagnose_with_progress(loaded, prompts, dtype, args.margin, console)
@@ -155,13 +153,11 @@ def run_diagnose(args) -> int:
 
 
 def run_fix(args) -> int:
-    from rich.console import Console
-
     from .dtypes import parse_dtype
     from .exporting import check_export_target, export_checkpoint
     from .prompts import read_prompts
     from .reporting import check_output_path, render_fix, write_json
-    from .session import fix_with_progress, load_for_cli
+    from .session import fix_with_progress, load_for_cli, make_console
 
     dtype = parse_dtype(args.dtype)
     if not args.margin >= 1:
@@ -182,7 +178,7 @@ def run_fix(args) -> int:
         check_export_target(args.out, overwrite=args.overwrite, source=source)
     plan_path = check_output_path(args.plan_json, "plan JSON") if args.plan_json else None
 
-    console = Console()
+    console = make_console()
     loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
                           trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
     model, report = fix_with_progress(loaded, console, dtype=dtype, strategy=args.strategy, margin=args.margin,
@@ -197,12 +193,10 @@ def run_fix(args) -> int:
 
 
 def run_compare(args) -> int:
-    from rich.console import Console
-
     from .comparing import parse_variants
     from .prompts import HELDOUT, bundled_prompts, read_prompts
     from .reporting import check_output_path, plot_comparison, render_comparison, write_json
-    from .session import compare_with_progress, load_for_cli
+    from .session import compare_with_progress, load_for_cli, make_console
 
     names = parse_variants(args.variants)
     texts = read_prompts(args.texts) if args.texts else bundled_prompts(HELDOUT)
@@ -211,7 +205,7 @@ def run_compare(args) -> int:
     json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
     plot_path = check_output_path(args.plot, "plot") if args.plot else None
 
-    console = Console()
+    console = make_console()
     loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
                           trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
     results = compare_with_progress(loaded, console, texts, names, new_tokens=args.new_tokens,

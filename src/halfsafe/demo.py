@@ -7,7 +7,6 @@ reaches about 1e5 in fp32, past float16's 65,504.
 from __future__ import annotations
 
 import torch
-from rich.console import Console
 from rich.rule import Rule
 
 from .loading import DEMO, cache_root
@@ -15,14 +14,14 @@ from .precision import cast_temporarily
 from .prompts import bundled_prompts
 from .diagnosing import greedy_continuation
 from .reporting import check_output_path, plot_diagnosis, render_diagnosis, render_fix
-from .session import diagnose_with_progress, fix_with_progress, load_for_cli
+from .session import diagnose_with_progress, fix_with_progress, load_for_cli, make_console
 
 PROMPT = "上海有个非常出名的地方，"  # the prompt of a widely shared Qwen float16 failure report
 
 
 def run_demo(*, plot: str | None = None, device: str = "auto") -> int:
     plot_path = check_output_path(plot, "plot") if plot else None
-    console = Console()
+    console = make_console()
     loaded = load_for_cli(DEMO, console, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
     console.print(Rule(f"{loaded.name} in float16"))

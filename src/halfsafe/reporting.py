@@ -208,17 +208,17 @@ def render_comparison(results, console: Console, title: str) -> None:
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for r in results:
         table.add_row(
-            r.variant, _num(r.fidelity.perplexity), _num(r.tokens_per_s_batch1), _num(r.tokens_per_s_batch8),
+            r.variant, _num(r.fidelity.perplexity, 3), _num(r.tokens_per_s_batch1), _num(r.tokens_per_s_batch8),
             f"{r.weights_bytes / 2**30:.2f} GiB",
             f"{r.peak_gpu_bytes / 2**30:.2f} GiB" if r.peak_gpu_bytes is not None else "-",
         )
     console.print(table)
 
 
-def _num(value) -> str:
+def _num(value, digits: int = 1) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if math.isfinite(value) else str(value)
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
 
 
 def plot_comparison(results, path: str | Path, title: str) -> Path:

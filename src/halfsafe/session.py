@@ -12,6 +12,13 @@ from .errors import HalfsafeError
 from .loading import DEMO, LoadedModel, cache_root, load_model
 
 
+def make_console() -> Console:
+    """A console for reports: the terminal's width, or 120 columns when piped or captured, so
+    tables of numbers are not cut to 80."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 def resolve_device(spec: str) -> torch.device:
     spec = (spec or "auto").strip().lower()
     if spec == "auto":

@@ -108,7 +108,7 @@ def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0
     model.eval()
     with torch.no_grad():
         if plant == "residual":
-            _plant_massive_activation(model, ARCHITECTURES[arch]["post_mlp_norm"])
+            plant_massive_activation(model, ARCHITECTURES[arch]["post_mlp_norm"])
         elif plant == "interior":
             _plant_interior(model)
         elif plant == "attention":
@@ -161,7 +161,8 @@ def _zero_mlp_row(mlp, row: int) -> None:
         mlp.down_proj.weight[row] = 0.0
 
 
-def _plant_massive_activation(model, post_mlp_norm: str | None) -> None:
+def plant_massive_activation(model, post_mlp_norm: str | None = None) -> None:
+    """Plant the BOS-only neuron that writes MASSIVE into residual channel CHANNEL."""
     layer, neuron = _bos_neuron(model)
     mlp = layer.mlp
     probe = getattr(layer, post_mlp_norm) if post_mlp_norm else mlp.down_proj
@@ -202,7 +203,7 @@ def _bos_output(model, module) -> torch.Tensor:
     captured = {}
     handle = module.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
     try:
-        model(input_ids=torch.tensor([[BOS, 70, 71]]), use_cache=False)
+        model(input_ids=torch.tensor([[BOS, 70, 71]], device=next(model.parameters()).device), use_cache=False)
     finally:
         handle.remove()
     return captured["out"][0, 0]
@@ -213,7 +214,7 @@ def _bos_input(model, module) -> torch.Tensor:
     captured = {}
     handle = module.register_forward_pre_hook(lambda m, args: captured.setdefault("in", args[0]))
     try:
-        model(input_ids=torch.tensor([[BOS, 70, 71]]), use_cache=False)
+        model(input_ids=torch.tensor([[BOS, 70, 71]], device=next(model.parameters()).device), use_cache=False)
     finally:
         handle.remove()
     return captured["in"][0, 0]
