@@ -230,3 +230,10 @@ def test_cli_keep_fp32_reports_without_exporting(tiny_dirs, tmp_path, capsys):
     assert "plan (keep-fp32): keep 3 layer(s) in fp32 (layers 1-3)" in out and "speed:" in out
     assert main(["fix", source]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
+
+
+def test_failed_gate_leaves_the_attention_kernel_as_it_was():
+    model = build_tiny_model("qwen2", plant="attention", attn_implementation="eager")
+    with pytest.raises(VerificationFailed):
+        fix(model, TOKENIZER, max_kl=1e-30)
+    assert model.config._attn_implementation == "eager"

@@ -148,23 +148,31 @@ def norm_eps_settings(model: nn.Module, arch: Architecture, plan: Plan) -> list[
 
 @contextmanager
 def use_fix(model: nn.Module, arch: Architecture, plan: Plan, weights: dict[str, torch.Tensor]):
-    """Run the model as fixed (weights and eps) inside the block; restore it exactly after."""
+    """Run the model as fixed (weights, eps, attention kernel) inside the block; restore it after."""
     settings = norm_eps_settings(model, arch, plan)
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in settings]
+    attention = model.config._attn_implementation
     try:
         for obj, attr, value in settings:
             setattr(obj, attr, value)
+        if plan.attn_implementation:
+            model.set_attn_implementation(plan.attn_implementation)
         with use_weights(model, weights):
             yield model
     finally:
         for obj, attr, value in saved:
             setattr(obj, attr, value)
+        if plan.attn_implementation:
+            model.set_attn_implementation(attention)
 
 
 def apply_fix(model: nn.Module, arch: Architecture, plan: Plan, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """Write the fix into the model: its parameters become `weights`, its norms' eps scale by s^2."""
+    """Write the fix into the model: its parameters become `weights`, its norms' eps scale by
+    s^2, and its attention kernel becomes the one the plan requires, if any."""
     for obj, attr, value in norm_eps_settings(model, arch, plan):
         setattr(obj, attr, value)
+    if plan.attn_implementation:
+        model.set_attn_implementation(plan.attn_implementation)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():

@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run calibration prompts in fp32 with hooks, report per-layer headroom for the "
         "target dtype, then confirm by running the model in that dtype.",
     )
-    diagnose.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
     _add_model_options(diagnose)
     diagnose.add_argument("--dtype", default="float16", help="target dtype (default float16); bfloat16 is also reported")
     diagnose.add_argument("--prompts", metavar="FILE", help="calibration prompts: text, one per line, or JSONL with 'text'")
@@ -47,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         "verify on held-out prompts against fp32 (gate: finite, mean KL at most bfloat16's), then write "
         "a Hugging Face checkpoint that plain transformers or vLLM loads in float16.",
     )
-    fix.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
     fix.add_argument("--out", metavar="DIR", help="where to write the fixed checkpoint (required for rescale)")
     fix.add_argument("--strategy", default="rescale", choices=["rescale", "keep-fp32"],
                      help="rescale (default; exact, exported as a standard checkpoint) or keep-fp32 (any "
@@ -68,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per variant: non-finite share; KL(fp32 || variant) mean, p99, max; top-1 agreement; "
         "mean |delta p|; perplexity; greedy-match length; greedy tokens/s at batch 1 and 8; weight memory.",
     )
-    compare.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
     _add_model_options(compare)
     compare.add_argument("--variants", default="fp32,bf16,fp16,fp16-fixed",
                          help="comma-separated: fp32, bf16, fp16, fp16-fixed, fp16-clamp, fixed:DIR")
@@ -88,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="local HF directory, hub id, .gguf file, or 'demo'")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle .bin weights (they can run code when loaded)")
@@ -119,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("halfsafe: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("halfsafe: error: out of memory; use a machine with more memory or a smaller model", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        print(f"halfsafe: error: out of memory on the device ({str(exc).splitlines()[0][:120]}); "
+              "try --device cpu or a smaller model", file=sys.stderr)
+        return 2
     return 2
 
 

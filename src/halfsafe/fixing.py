@@ -108,8 +108,6 @@ def fix(
         weights = scaled_weights(model, arch, plan, dtype)
         variant = lambda: use_fix(model, arch, plan, weights)  # noqa: E731
         commit = lambda: apply_fix(model, arch, plan, weights)  # noqa: E731
-        if plan.attn_implementation:
-            model.set_attn_implementation(plan.attn_implementation)
     else:
         plan = plan_keep_fp32(model, observation, dtype=dtype, margin=margin)
         variant = lambda: use_keep_fp32(model, plan, dtype)  # noqa: E731
