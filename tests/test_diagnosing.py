@@ -20,7 +20,7 @@ def test_planted_overflow_is_unsafe_in_float16_and_safe_in_bfloat16(tiny_dirs, a
     assert fp16.max_abs == pytest.approx(MASSIVE, rel=0.05)
     assert fp16.headroom == pytest.approx(65504 / fp16.max_abs)
     assert not fp16.all_finite and fp16.nonfinite_prompts == len(SHORT_PROMPTS)
-    assert fp16.first_nonfinite.startswith("model.layers.1.")  # the planted layer
+    assert ".layers.1." in fp16.first_nonfinite  # the planted layer
     assert fp16.continuation.startswith("<pad><pad><pad>")  # argmax of NaN is token 0
     assert fp16.summary.startswith("float16: UNSAFE - ")
     assert bf16.status == "safe" and bf16.all_finite
