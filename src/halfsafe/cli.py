@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the float16 failure and its diagnosis on gemma-3-270m (from PyPI, cached locally)",
+        help="the float16 failure, its diagnosis and its fix on gemma-3-270m (from PyPI, cached locally)",
     )
     demo.add_argument("--plot", metavar="PATH", help="where to write the plot (default: in the halfsafe cache)")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

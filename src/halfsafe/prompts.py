@@ -22,8 +22,10 @@ def bundled_prompts(name: str = CALIBRATION) -> list[str]:
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: JSONL with a `text` field (`.jsonl`), else plain text, one per line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise HalfsafeError(f"prompts file '{path}' does not exist; pass a text file (one prompt per line) or JSONL")
+    if not path.is_file():
+        raise HalfsafeError(f"prompts file '{path}' is not a regular file; pass a text file (one prompt per line) or JSONL")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
