@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import HalfsafeError
+from .reporting import check_parent_writable
 
 
 def check_export_target(out: str | Path, *, overwrite: bool, source: Path | None = None) -> Path:
@@ -28,10 +29,7 @@ def check_export_target(out: str | Path, *, overwrite: bool, source: Path | None
         raise HalfsafeError(f"--out '{out}' already exists; choose a new directory or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise HalfsafeError(f"--out '{out}' exists and is not a directory")
-    if not out.parent.is_dir():
-        raise HalfsafeError(f"--out '{out}': parent directory '{out.parent}' does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise HalfsafeError(f"--out '{out}': parent directory '{out.parent}' is not writable")
+    check_parent_writable(out, "--out")
     return out
 
 

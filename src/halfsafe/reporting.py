@@ -85,15 +85,20 @@ def _within_layer(name: str | None) -> str:
 
 
 def check_output_path(path: str | Path, what: str) -> Path:
-    """Refuse an output path that cannot be written, before any work is done."""
+    """Refuse an output file that cannot be written, before any work is done."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise HalfsafeError(f"{what} path '{path}' is a directory; give a file name")
-    if not path.parent.exists():
-        raise HalfsafeError(f"{what} path '{path}': directory '{path.parent}' does not exist; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise HalfsafeError(f"{what} path '{path}': directory '{path.parent}' is not writable")
+    check_parent_writable(path, f"{what} path")
     return path
+
+
+def check_parent_writable(path: Path, label: str) -> None:
+    """The directory an output is created in must exist and be writable."""
+    if not path.parent.is_dir():
+        raise HalfsafeError(f"{label} '{path}': directory '{path.parent}' does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise HalfsafeError(f"{label} '{path}': directory '{path.parent}' is not writable")
 
 
 def _atomic_write(path: Path, write) -> None:
