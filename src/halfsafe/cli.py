@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .comparing import DEFAULT_VARIANTS
+from .diagnosing import DEFAULT_MARGIN as DIAGNOSE_MARGIN
 from .errors import HalfsafeError
+from .planning import DEFAULT_MARGIN as FIX_MARGIN
 
 EXIT_UNSAFE = 3
 
@@ -31,10 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "target dtype, then confirm by running the model in that dtype.",
     )
     _add_model_options(diagnose)
-    diagnose.add_argument("--dtype", default="float16", help="target dtype (default float16); bfloat16 is also reported")
-    diagnose.add_argument("--prompts", metavar="FILE", help="calibration prompts: text, one per line, or JSONL with 'text'")
-    diagnose.add_argument("--margin", type=float, default=2.0,
-                          help="flag sites within this factor of the dtype's maximum (default 2)")
+    _add_calibration_options(diagnose, DIAGNOSE_MARGIN, "flag sites within this factor of the dtype's maximum")
     diagnose.add_argument("--json", metavar="PATH", dest="json_path", help="write the diagnosis as JSON")
     diagnose.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer max |activation|")
     diagnose.add_argument("--fail-on-unsafe", action="store_true", help="exit 3 when the verdict is unsafe")
@@ -51,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rescale (default; exact, exported as a standard checkpoint) or keep-fp32 (any "
                      "architecture; keeps overflowing layers in fp32; in memory only, reports its cost)")
     _add_model_options(fix)
-    fix.add_argument("--dtype", default="float16", help="target dtype (default float16)")
-    fix.add_argument("--margin", type=float, default=4.0,
-                     help="keep every scaled site this factor below the dtype's maximum (default 4)")
-    fix.add_argument("--prompts", metavar="FILE", help="calibration prompts (default: the bundled set)")
+    _add_calibration_options(fix, FIX_MARGIN, "keep every scaled site this factor below the dtype's maximum")
     fix.add_argument("--heldout", metavar="FILE", help="verification prompts (default: the bundled held-out set)")
     fix.add_argument("--max-kl", type=float, help="gate on this mean KL instead of bfloat16's")
     fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -67,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mean |delta p|; perplexity; greedy-match length; greedy tokens/s at batch 1 and 8; weight memory.",
     )
     _add_model_options(compare)
-    compare.add_argument("--variants", default="fp32,bf16,fp16,fp16-fixed",
+    compare.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                          help="comma-separated: fp32, bf16, fp16, fp16-fixed, fp16-clamp, fixed:DIR")
     compare.add_argument("--texts", metavar="FILE", help="evaluation texts (default: the bundled held-out set)")
     compare.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared with fp32 (default 32)")
@@ -82,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", metavar="PATH", help="where to write the plot (default: in the halfsafe cache)")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     return parser
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser, margin: float, margin_help: str) -> None:
+    parser.add_argument("--dtype", default="float16", help="target dtype (default float16)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled set)")
+    parser.add_argument("--margin", type=float, default=margin, help=f"{margin_help} (default {margin:g})")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

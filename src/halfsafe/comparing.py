@@ -103,7 +103,7 @@ def compare(
     model: nn.Module,
     tokenizer,
     texts: list[str],
-    names: list[str] = list(DEFAULT_VARIANTS),
+    names: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
     *,
     calibration: list[str] | None = None,
     margin: float = 4.0,

@@ -12,7 +12,7 @@ from rich.rule import Rule
 from .loading import DEMO, cache_root
 from .precision import cast_temporarily
 from .prompts import bundled_prompts
-from .diagnosing import greedy_continuation
+from .diagnosing import DEFAULT_MARGIN, greedy_continuation
 from .reporting import check_output_path, plot_diagnosis, render_diagnosis, render_fix
 from .session import diagnose_with_progress, fix_with_progress, load_for_cli, make_console
 
@@ -47,7 +47,7 @@ def run_demo(*, plot: str | None = None, device: str = "auto") -> int:
         console.print("   argmax of an all-NaN row is token 0, which is <pad> for Gemma ('!' for Qwen).")
 
     console.print(Rule("diagnosis"))
-    diagnosis = diagnose_with_progress(loaded, bundled_prompts(), torch.float16, 2.0, console)
+    diagnosis = diagnose_with_progress(loaded, bundled_prompts(), torch.float16, DEFAULT_MARGIN, console)
     render_diagnosis(diagnosis, console)
     if plot_path is None:
         plot_path = cache_root() / "reports" / "demo-diagnosis.png"

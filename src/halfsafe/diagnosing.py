@@ -137,9 +137,9 @@ def diagnose(
     sites = recorder.sites()
     eager = recorder.attn_implementation == "eager"
     reference = greedy_continuation(model, tokenizer, prompts[0])
+    counted = [s for s in sites if s.kind != ATTN_LOGITS or eager]  # q.k exists only in eager attention
     verdicts = []
     for target in (dtype, *[d for d in also if d != dtype]):
-        counted = [s for s in sites if s.kind != ATTN_LOGITS or eager]
         confirmed = confirm(model, tokenizer, prompts, target, progress=progress)
         verdicts.append(_verdict(counted, target, margin, confirmed))
     notes = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -34,6 +36,15 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+@contextmanager
+def progress_bar(console: Console, description: str, total: int):
+    """A transient bar; yields the callback the library calls once per unit of work."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging
 
@@ -57,12 +68,10 @@ def diagnose_with_progress(
 ) -> Diagnosis:
     also = tuple(d for d in (torch.bfloat16,) if d != dtype)
     passes = len(prompts) * (2 + len(also))  # the fp32 observation, then one confirmation per dtype
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"diagnosing for {dtype_name(dtype)}", total=passes)
+    with progress_bar(console, f"diagnosing for {dtype_name(dtype)}", passes) as advance:
         return diagnose(
             loaded.model, loaded.tokenizer, prompts, dtype=dtype, also=also, margin=margin,
-            name=loaded.name, progress=lambda: progress.advance(task),
+            name=loaded.name, progress=advance,
         )
 
 
@@ -74,17 +83,13 @@ def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
     kwargs["heldout"] = kwargs.get("heldout") or bundled_prompts(HELDOUT)
     observing = 0 if kwargs.get("observation") is not None else len(kwargs["calibration"])
     passes = observing + len(kwargs["heldout"]) + 1  # observation, verification, greedy run
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("fixing", total=passes)
-        return fix(loaded.model, loaded.tokenizer, progress=lambda: progress.advance(task), **kwargs)
+    with progress_bar(console, "fixing", passes) as advance:
+        return fix(loaded.model, loaded.tokenizer, progress=advance, **kwargs)
 
 
 def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str], names: list[str], **kwargs):
     from .comparing import compare
 
     passes = len(texts) + len(names)  # one forward per text for every variant, then greedy per variant
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("comparing", total=passes)
-        return compare(loaded.model, loaded.tokenizer, texts, names, progress=lambda: progress.advance(task), **kwargs)
+    with progress_bar(console, "comparing", passes) as advance:
+        return compare(loaded.model, loaded.tokenizer, texts, names, progress=advance, **kwargs)

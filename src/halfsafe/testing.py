@@ -200,21 +200,22 @@ def _plant_attention_logits(model) -> None:
 
 def _bos_output(model, module) -> torch.Tensor:
     """[H]: `module`'s output at the BOS position."""
-    captured = {}
-    handle = module.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
-    try:
-        model(input_ids=torch.tensor([[BOS, 70, 71]], device=next(model.parameters()).device), use_cache=False)
-    finally:
-        handle.remove()
-    return captured["out"][0, 0]
+    return _at_bos(model, module, output=True)
 
 
 def _bos_input(model, module) -> torch.Tensor:
     """[I]: `module`'s input at the BOS position."""
-    captured = {}
-    handle = module.register_forward_pre_hook(lambda m, args: captured.setdefault("in", args[0]))
+    return _at_bos(model, module, output=False)
+
+
+def _at_bos(model, module, *, output: bool) -> torch.Tensor:
+    captured = []
+    if output:
+        handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     try:
         model(input_ids=torch.tensor([[BOS, 70, 71]], device=next(model.parameters()).device), use_cache=False)
     finally:
         handle.remove()
-    return captured["in"][0, 0]
+    return captured[0][0, 0]
