@@ -75,3 +75,41 @@ def clamp_residual(model: nn.Module, bound: float = 64_504.0):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32):
+    """Run a model held in another dtype with `dtype` weights and arithmetic, holding at most one
+    module's `dtype` copy of its own weights at a time.
+
+    Every module that owns parameters gets its weights cast on entering its forward and put
+    back on leaving it, so a half-precision model computes in fp32 for the cost of one extra
+    forward, not one extra copy of the model. Activations follow the weights: the embedding
+    returns `dtype`, and every later module computes in it. Buffers keep their dtype, as with
+    `from_pretrained`. Everything is restored on exit, even when the forward raises.
+    """
+    saved: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+
+    def upcast(module, args):
+        own = [p for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != dtype]
+        saved[id(module)] = [(p, p.data) for p in own]
+        for param in own:
+            param.data = param.data.to(dtype)
+
+    def restore(module, *unused):
+        for param, original in saved.pop(id(module), ()):
+            param.data = original
+
+    handles = []
+    try:
+        for module in model.modules():
+            if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters(recurse=False)):
+                handles.append(module.register_forward_pre_hook(upcast))
+                handles.append(module.register_forward_hook(restore, always_call=True))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for entries in saved.values():  # a forward that raised before a module's hook ran
+            for param, original in entries:
+                param.data = original

@@ -1,0 +1,123 @@
+"""`halfsafe generate`: guarded text generation from prompts, as a library call.
+
+The command line streams one prompt's tokens as they come; the library returns a plain value
+(`Generation`) whose JSON is what `--json` writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .advising import generation_advice
+from .dtypes import dtype_name
+from .errors import HalfsafeError
+from .guarding import GuardedGenerator, GuardReport
+
+DEFAULT_NEW_TOKENS = 64
+
+
+@dataclass
+class Generation:
+    prompts: list[str]
+    texts: list[str]  # the new text of each prompt
+    tokens: list[list[int]]  # the new token ids of each prompt
+    dtype: str
+    report: GuardReport
+    seconds: float
+    advice: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": 1,
+            "text": self.texts[0] if len(self.texts) == 1 else self.texts,
+            "tokens": self.tokens[0] if len(self.tokens) == 1 else self.tokens,
+            "prompts": self.prompts,
+            "dtype": self.dtype,
+            "seconds": self.seconds,
+            "steps": self.report.steps,
+            "recovered_steps": self.report.recovered_steps,
+            "events": [e.to_json() for e in self.report.events],
+            "advice": self.advice,
+        }
+
+
+def chat_prompt(tokenizer, text: str, name: str) -> str:
+    """`text` as one user turn in the model's chat template, ready for generation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise HalfsafeError(
+            f"'{name}' has no chat template, so it is a base model that continues text; use its instruct "
+            "variant for chat (often named -it or -Instruct), or drop --chat"
+        )
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    *,
+    name: str = "",
+    chat: bool = False,
+    greedy: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    seed: int | None = None,
+    on_nonfinite: str = "recover",
+    stop_on_degeneration: bool = False,
+    streamer=None,
+) -> Generation:
+    """Generate a continuation of every prompt (one batch, left-padded) under the guard."""
+    if max_new_tokens < 1:
+        raise HalfsafeError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    config = model.generation_config
+    sampling = dict(
+        do_sample=not greedy,
+        temperature=None if greedy else (temperature if temperature is not None else config.temperature),
+        top_p=None if greedy else (top_p if top_p is not None else config.top_p),
+        top_k=None if greedy else (top_k if top_k is not None else config.top_k),
+        repetition_penalty=repetition_penalty if repetition_penalty is not None else config.repetition_penalty,
+    )
+    advice = generation_advice(name, tokenizer, do_sample=sampling["do_sample"], temperature=sampling["temperature"],
+                               repetition_penalty=sampling["repetition_penalty"], chat=chat)
+    texts = [chat_prompt(tokenizer, p, name) for p in prompts] if chat else prompts
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        # A chat template writes its own BOS; the tokenizer must not add a second one.
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    finally:
+        tokenizer.padding_side = side
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    if seed is not None:
+        torch.manual_seed(seed)
+    guarded = GuardedGenerator(model, on_nonfinite=on_nonfinite, stop_on_degeneration=stop_on_degeneration)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = guarded.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               streamer=streamer, **sampling)
+    seconds = time.perf_counter() - started
+    new = out[:, batch["input_ids"].shape[1]:].cpu()
+    tokens = [_trim(row.tolist(), tokenizer) for row in new]
+    return Generation(
+        prompts=prompts,
+        texts=[tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
+        tokens=tokens,
+        dtype=dtype_name(next(model.parameters()).dtype),
+        report=guarded.report,
+        seconds=seconds,
+        advice=advice + guarded.report.advice,
+    )
+
+
+def _trim(ids: list[int], tokenizer) -> list[int]:
+    """Cut after the end-of-sequence token: generate pads a finished row to the batch's length."""
+    eos = tokenizer.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
