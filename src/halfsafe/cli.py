@@ -7,6 +7,7 @@ Every bad input ends in one line on stderr and a non-zero exit code (2), never a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -72,6 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
     compare.add_argument("--plot", metavar="PATH", help="write a PNG of the per-position KL distributions")
 
+    generate = commands.add_parser(
+        "generate",
+        help="guarded generation: non-finite steps recovered in fp32, degeneration reported",
+        description="Generate from a prompt with transformers' own generate, guarded: a step whose logits are "
+        "non-finite is recomputed in float32 (or sanitized, or raises), loops and token-0 floods are reported. "
+        "Text streams to stdout; advice and the report go to stderr.",
+    )
+    _add_model_options(generate)
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt (default: read from stdin)")
+    source.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line or JSONL with 'text'; one batch")
+    generate.add_argument("--dtype", default="auto",
+                          help="auto (by hardware: bfloat16 on compute capability >= 8.0, float16 with the fix below "
+                          "it, float32 on CPU), float16, bfloat16 or float32")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    generate.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's)")
+    generate.add_argument("--top-k", type=int, help="top-k sampling (default: the model's)")
+    generate.add_argument("--repetition-penalty", type=float, help="e.g. 1.1 (default: the model's)")
+    generate.add_argument("--seed", type=int, help="random seed for sampling")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--on-nonfinite", default="recover", choices=["recover", "sanitize", "raise"],
+                          help="recover (default): recompute the step in float32; sanitize: mask NaN/inf, stop a row "
+                          "with nothing left; raise: stop with an error (exit 5)")
+    generate.add_argument("--stop-on-degeneration", action="store_true",
+                          help="end a row that repeats one token, loops or floods token 0")
+    generate.add_argument("--json", metavar="PATH", dest="json_path",
+                          help="write the result as JSON (text, tokens, events, recovered_steps, dtype, seconds); "
+                          "'-' for stdout")
+    generate.add_argument("--events", metavar="FILE", help="write the guard's events as JSON lines")
+
     demo = commands.add_parser(
         "demo",
         help="the float16 failure, its diagnosis and its fix on gemma-3-270m (from PyPI, cached locally)",
@@ -111,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_fix(args)
         if args.command == "compare":
             return run_compare(args)
+        if args.command == "generate":
+            return run_generate(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -230,6 +265,68 @@ def run_compare(args) -> int:
     if plot_path:
         plot_comparison(results, plot_path, title)
         console.print(f"plot written to {plot_path}", highlight=False)
+    return 0
+
+
+def run_generate(args) -> int:
+    from .generating import generate_text
+    from .prompts import read_prompts
+    from .reporting import check_output_path, render_generation, write_json, write_json_lines
+    from .session import load_for_generation, make_console
+
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.prompt_file:
+        prompts = read_prompts(args.prompt_file)
+    elif not sys.stdin.isatty():
+        prompts = [sys.stdin.read().rstrip("\n")]
+    else:
+        prompts = []
+    if not prompts or not any(p.strip() for p in prompts):
+        raise HalfsafeError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
+    if args.max_new_tokens < 1:
+        raise HalfsafeError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.temperature is not None and args.temperature < 0:
+        raise HalfsafeError(f"--temperature {args.temperature} must be 0 or more (0 means greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise HalfsafeError(f"--top-p {args.top_p} must be in (0, 1]")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise HalfsafeError(f"--repetition-penalty {args.repetition_penalty} must be positive (1.0 is none)")
+    to_stdout = args.json_path == "-"
+    json_path = check_output_path(args.json_path, "JSON") if args.json_path and not to_stdout else None
+    events_path = check_output_path(args.events, "events") if args.events else None
+
+    console = make_console(stderr=True)
+    loaded, notes = load_for_generation(args.model, console, dtype=args.dtype, device=args.device,
+                                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                                        attn_implementation=args.attn_implementation)
+    def notify(line: str) -> None:
+        console.print(f"advice: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+    for line in notes:
+        notify(line)
+    streamer = None
+    if len(prompts) == 1 and not to_stdout:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = generate_text(
+        loaded.model, loaded.tokenizer, prompts, name=loaded.name, chat=args.chat, greedy=args.greedy,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, on_nonfinite=args.on_nonfinite,
+        stop_on_degeneration=args.stop_on_degeneration, streamer=streamer, notify=notify,
+    )
+    result.advice = notes + result.advice
+    if streamer is None and not to_stdout:
+        for prompt, text in zip(prompts, result.texts):
+            print(f"{prompt}{text}" if len(prompts) > 1 else text, flush=True)
+    render_generation(result, console)
+    if to_stdout:
+        print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+    if json_path:
+        write_json(result.to_json(), json_path)
+    if events_path:
+        write_json_lines([e.to_json() for e in result.report.events], events_path)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from rich.rule import Rule
 
+from .guarding import NONFINITE, GuardedGenerator
 from .loading import DEMO, cache_root
 from .precision import cast_temporarily
 from .prompts import bundled_prompts
@@ -45,6 +46,17 @@ def run_demo(*, plot: str | None = None, device: str = "auto") -> int:
         text = tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
         console.print(f"   {text!r}", style="red", markup=False, highlight=False)
         console.print("   argmax of an all-NaN row is token 0, which is <pad> for Gemma ('!' for Qwen).")
+        console.print("3. the same greedy decoding, guarded (halfsafe generate MODEL --dtype float16):")
+        guarded = GuardedGenerator(model)
+        out = guarded.generate(**batch, do_sample=False, top_p=None, top_k=None, **generation)
+        text = tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+        console.print(f"   {text!r}", style="green", markup=False, highlight=False)
+        events = guarded.report.of_kind(NONFINITE)
+        console.print(
+            f"   {len(events)} non-finite step(s) ({', '.join(str(e.step) for e in events)}; first non-finite module "
+            f"{events[0].module if events else 'none'}) recomputed in float32, one module's weights at a time;\n"
+            "   the repaired KV cache lets every later step run in float16.", highlight=False,
+        )
 
     console.print(Rule("diagnosis"))
     diagnosis = diagnose_with_progress(loaded, bundled_prompts(), torch.float16, DEFAULT_MARGIN, console)

@@ -73,8 +73,10 @@ def generate_text(
     on_nonfinite: str = "recover",
     stop_on_degeneration: bool = False,
     streamer=None,
+    notify=None,
 ) -> Generation:
-    """Generate a continuation of every prompt (one batch, left-padded) under the guard."""
+    """Generate a continuation of every prompt (one batch, left-padded) under the guard.
+    `notify(line)` hears each piece of advice before generation starts."""
     if max_new_tokens < 1:
         raise HalfsafeError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     config = model.generation_config
@@ -88,6 +90,9 @@ def generate_text(
     advice = generation_advice(name, tokenizer, do_sample=sampling["do_sample"], temperature=sampling["temperature"],
                                repetition_penalty=sampling["repetition_penalty"], chat=chat)
     texts = [chat_prompt(tokenizer, p, name) for p in prompts] if chat else prompts
+    if notify is not None:
+        for line in advice:
+            notify(line)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

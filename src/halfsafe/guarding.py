@@ -293,7 +293,8 @@ class GuardedGenerator:
                 raise NonFiniteLogits(
                     f"step {step}: the logits of row {rows[0]} are non-finite in "
                     f"{dtype_name(logits.dtype)} (first non-finite module: {module or 'unknown'}); the model "
-                    "overflows this dtype: run 'halfsafe fix MODEL', or generate with on_nonfinite='recover'"
+                    "overflows this dtype: run 'halfsafe fix MODEL', or recover such steps in float32 with "
+                    "--on-nonfinite recover (on_nonfinite='recover')"
                 )
             return self._recover(step, rows, sequence, mask, output, module)
         finally:

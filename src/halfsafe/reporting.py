@@ -124,6 +124,19 @@ def write_json(data: dict, path: str | Path) -> Path:
     return path
 
 
+def write_json_lines(rows: list[dict], path: str | Path) -> Path:
+    """One JSON object per line (events for a log pipeline), written atomically."""
+    path = check_output_path(path, "JSON lines")
+
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(_finite_json(row), ensure_ascii=False) + "\n")
+
+    _atomic_write(path, write)
+    return path
+
+
 def _finite_json(value):
     """JSON has no inf/nan: write them as the strings 'inf', '-inf', 'nan'."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -257,3 +270,26 @@ def plot_comparison(results, path: str | Path, title: str) -> Path:
     _atomic_write(path, lambda temporary: fig.savefig(temporary, format="png"))
     plt.close(fig)
     return path
+
+
+# -- generation ----------------------------------------------------------------------------
+
+
+def render_generation(result, console: Console) -> None:
+    """One line of report: steps, recoveries, what else happened (advice is printed before)."""
+    report = result.report
+    recovered = report.recovered_steps
+    parts = [f"{result.dtype}", f"{report.steps} steps", f"{result.seconds:.1f} s"]
+    if recovered:
+        shown = ", ".join(map(str, recovered[:8])) + (", ..." if len(recovered) > 8 else "")
+        parts.append(f"recovered {len(recovered)} non-finite step(s) in float32 (step {shown})")
+    counts = {}
+    for event in report.events:
+        if event.kind not in ("nonfinite", "recovered"):
+            counts[event.kind] = counts.get(event.kind, 0) + 1
+    parts += [f"{n} {kind}" for kind, n in counts.items()]
+    first = next((e.module for e in report.events if e.module), None)
+    if first:
+        parts.append(f"first non-finite module: {first}")
+    style = "green" if not report.events else "yellow"
+    console.print("guard: " + "; ".join(parts), style=style, markup=False, highlight=False, soft_wrap=True)

@@ -14,11 +14,11 @@ from .errors import HalfsafeError
 from .loading import DEMO, LoadedModel, is_demo_cached, load_model
 
 
-def make_console() -> Console:
+def make_console(stderr: bool = False) -> Console:
     """A console for reports: the terminal's width, or 120 columns when piped or captured, so
-    tables of numbers are not cut to 80."""
-    console = Console()
-    return console if console.is_terminal else Console(width=120)
+    tables of numbers are not cut to 80. `stderr` keeps stdout for the generated text."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(width=120, stderr=stderr)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -61,6 +61,46 @@ def load_for_cli(model: str, console: Console, *, device: str = "auto", **kwargs
         loaded = load_model(model, dtype=torch.float32, **kwargs)
         loaded.model.to(target)
     return loaded
+
+
+def load_for_generation(model: str, console: Console, *, dtype: str, device: str = "auto", **kwargs
+                        ) -> tuple[LoadedModel, list[str]]:
+    """Load MODEL to generate in `dtype` ('auto' chooses by hardware); returns notes that say why.
+
+    `auto` on a GPU without bfloat16 means float16 with halfsafe's fix, applied in memory when
+    the checkpoint is not already fixed; an architecture the registry does not know runs in
+    plain float16, where the guard recovers what overflows.
+    """
+    from .advising import choose_dtype
+    from .dtypes import parse_dtype
+
+    target = resolve_device(device)
+    notes = []
+    if dtype.strip().lower() == "auto":
+        choice = choose_dtype(target)
+        wanted, fix = choice.dtype, choice.fix
+        notes.append(f"dtype auto: {choice.reason}")
+    else:
+        wanted, fix = parse_dtype(dtype), False
+    quiet_transformers()
+    if model == DEMO and not is_demo_cached():
+        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
+    with console.status(f"loading {model} ..."):
+        loaded = load_model(model, dtype=torch.float32 if fix else wanted, **kwargs)
+        if fix and getattr(loaded.model.config, "halfsafe", None):
+            fix = False  # an exported halfsafe checkpoint: already fixed
+            notes.append("the checkpoint is already fixed by halfsafe")
+        loaded.model.to(target)
+    if fix:
+        from .fixing import fix as fix_model
+
+        try:
+            with console.status("fixing for float16 (observe, plan, rescale) ..."):
+                fix_model(loaded.model, loaded.tokenizer, dtype=wanted, verify=False)
+        except HalfsafeError as exc:
+            loaded.model.to(wanted)
+            notes.append(f"not fixed ({exc}); running plain float16, the guard recovers overflowing steps")
+    return loaded, notes
 
 
 def diagnose_with_progress(
