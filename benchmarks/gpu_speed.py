@@ -1,4 +1,5 @@
-"""GPU speed: fixed fp16 vs bf16 vs fp32 generation on realistic shapes with random weights.
+"""GPU speed: fixed fp16 vs bf16 vs fp32 generation on realistic shapes with random weights,
+and the guard's overhead on the fixed model.
 
 Built on the device from Qwen3 configs (1.7B- and 8B-shaped), with a massive activation
 planted as in the tests (so plain fp16 overflows), then fixed by halfsafe in memory. For
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 from halfsafe.fixing import fix  # noqa: E402
+from halfsafe.guarding import guard  # noqa: E402
 from halfsafe.precision import cast_temporarily  # noqa: E402
 from halfsafe.testing import SHORT_PROMPTS, byte_tokenizer, plant_massive_activation  # noqa: E402
 
@@ -34,7 +36,8 @@ SMALL = {"qwen3-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_la
                             num_key_value_heads=2, head_dim=16, vocab_size=320, tie_word_embeddings=True)}
 
 
-def tokens_per_second(model, tokenizer, batch: int, new_tokens: int) -> float:
+def tokens_per_second(model, tokenizer, batch: int, new_tokens: int, generate=None) -> float:
+    generate = generate or model.generate
     tokenizer.padding_side = "left"
     inputs = tokenizer((SHORT_PROMPTS * batch)[:batch], return_tensors="pt", padding=True).to(model.device)
     best = float("inf")
@@ -43,7 +46,7 @@ def tokens_per_second(model, tokenizer, batch: int, new_tokens: int) -> float:
             torch.cuda.synchronize()
         started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
@@ -80,16 +83,22 @@ def main() -> None:
         fix_seconds = time.perf_counter() - started
         with torch.inference_mode():
             fixed = model(**tokenizer(SHORT_PROMPTS[0], return_tensors="pt").to(device)).logits
+        guarded = guard(model)
         for batch in (1, 16):
             speeds["fp16-fixed", batch] = tokens_per_second(model, tokenizer, batch, args.new_tokens)
+            speeds["fp16-fixed guarded", batch] = tokens_per_second(model, tokenizer, batch, args.new_tokens,
+                                                                    guarded.generate)
         print(f"\n{name}: plain fp16 logits finite: {bool(torch.isfinite(plain).all())}; fixed: "
               f"{bool(torch.isfinite(fixed).all())}; plan: {report.plan.describe()}; fix {fix_seconds:.1f} s")
         print("| variant | tok/s batch 1 | tok/s batch 16 |")
         print("|---|---|---|")
-        for variant in ("fp32", "bf16", "fp16-fixed"):
+        for variant in ("fp32", "bf16", "fp16-fixed", "fp16-fixed guarded"):
             print(f"| {variant} | {speeds[variant, 1]:.1f} | {speeds[variant, 16]:.1f} |")
         print(f"fixed fp16 / bf16: {speeds['fp16-fixed', 1] / speeds['bf16', 1]:.2f} at batch 1, "
               f"{speeds['fp16-fixed', 16] / speeds['bf16', 16]:.2f} at batch 16")
+        print(f"guard overhead, guarded / plain fixed fp16: {speeds['fp16-fixed guarded', 1] / speeds['fp16-fixed', 1]:.3f} "
+              f"at batch 1, {speeds['fp16-fixed guarded', 16] / speeds['fp16-fixed', 16]:.3f} at batch 16 "
+              f"(non-finite steps: {guarded.counters.nonfinite_rows})")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

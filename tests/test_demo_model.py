@@ -82,6 +82,9 @@ def test_demo_command_shows_failure_diagnosis_and_fix(demo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "RuntimeError: probability tensor contains either" in out
     assert "<pad><pad><pad>" in out
+    guarded = out.split("3. the same greedy decoding, guarded", 1)[1].splitlines()[1]
+    assert "<pad>" not in guarded and "就是" in guarded
+    assert "recomputed in float32" in out
     assert "float16: UNSAFE - residual stream reaches" in out
     assert "float16 fixed (rescale): all finite" in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -101,3 +104,60 @@ def test_demo_compare_orders_the_variants_as_the_issue_expects(demo):
     assert f["fp16-fixed"].nonfinite_share == 0 and f["fp16-fixed"].kl_mean <= f["bf16"].kl_mean / 20
     assert f["fp16-clamp"].nonfinite_share == 0 and f["fp16-clamp"].kl_mean > 10 * f["fp16-fixed"].kl_mean
     assert next(demo.model.parameters()).dtype == torch.float32  # the reference is left as it was
+
+
+@pytest.fixture(scope="module")
+def demo_fp16():
+    """The unfixed demo model loaded in float16: every forward overflows."""
+    from halfsafe.loading import load_model
+
+    return load_model("demo", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("prompt", ["上海有个非常出名的地方，", "The capital of France is"])
+def test_guarded_float16_greedy_equals_fp32_for_32_tokens(demo, demo_fp16, prompt):
+    from halfsafe.guarding import NONFINITE, guard
+
+    batch = demo.tokenizer(prompt, return_tensors="pt")
+    settings = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, top_p=None, top_k=None,
+                    pad_token_id=demo.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        reference = demo.model.generate(**batch, **settings)
+        guarded = guard(demo_fp16.model)
+        out = guarded.generate(**batch, **settings)
+    assert torch.equal(out, reference)
+    events = guarded.report.of_kind(NONFINITE)
+    assert events and events[0].step == 0 and events[0].module.startswith("model.layers.")
+    assert guarded.report.recovered_steps == [e.step for e in events]  # every broken step recovered
+
+
+def test_guarded_float16_sampling_completes_without_a_token0_flood(demo_fp16):
+    from halfsafe.guarding import TOKEN0, guard
+
+    batch = demo_fp16.tokenizer(["上海有个非常出名的地方，", "The capital of France is"], return_tensors="pt",
+                                padding=True, padding_side="left")
+    guarded = guard(demo_fp16.model)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = guarded.generate(**batch, do_sample=True, temperature=0.8, max_new_tokens=24,
+                               pad_token_id=demo_fp16.tokenizer.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    assert (new[:, :4] != 0).any(dim=1).all()
+    assert not guarded.report.of_kind(TOKEN0)
+    assert guarded.report.recovered_steps[:1] == [0]
+
+
+def test_guarded_float16_sanitize_stops_and_raise_names_the_module(demo_fp16):
+    from halfsafe.guarding import STOPPED, NonFiniteLogits, guard
+
+    tokenizer = demo_fp16.tokenizer
+    batch = tokenizer("The capital of France is", return_tensors="pt")
+    sanitizing = guard(demo_fp16.model, on_nonfinite="sanitize")
+    with torch.inference_mode():
+        out = sanitizing.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out[0, batch["input_ids"].shape[1]:].tolist() == [tokenizer.eos_token_id]  # never <pad> (id 0)
+    assert [e.kind for e in sanitizing.report.events] == [STOPPED]
+    with pytest.raises(NonFiniteLogits, match=r"^step 0: .*first non-finite module: model\.layers\.\d+\).*halfsafe fix"):
+        with torch.inference_mode():
+            guard(demo_fp16.model, on_nonfinite="raise").generate(**batch, max_new_tokens=8, do_sample=False,
+                                                                  pad_token_id=tokenizer.pad_token_id)
