@@ -108,28 +108,32 @@ def _resolve(layer: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
         return None
 
 
-def scaled_weights(model: nn.Module, arch: Architecture, plan: Plan, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every floating parameter of `model`, scaled by `plan` and cast to `dtype` (model untouched)."""
-    scales = scale_factors(model, arch, plan)
-    weights = {}
-    for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            continue
-        entry = scales.get(name)
-        if entry is None or entry.factor == 1.0:
-            weights[name] = param.detach().to(dtype)
-            continue
-        # float64 arithmetic, a slice of rows at a time (an embedding can be gigabytes wide).
-        new = torch.empty(param.shape, dtype=dtype, device=param.device)
-        for source, target in zip(param.detach().split(_ROWS), new.split(_ROWS)):
-            target.copy_((source.to(torch.float64) + entry.offset) * entry.factor - entry.offset)
-        if not bool(torch.isfinite(new).all()):
-            raise HalfsafeError(
-                f"scaling {name} by {entry.factor:g} gives non-finite {dtype} values; "
-                "lower --margin or use --strategy keep-fp32"
-            )
-        weights[name] = new
-    return weights
+def scaled_weights(model: nn.Module, arch: Architecture, plan: Plan, dtype: torch.dtype, *,
+                   only: set[str] | None = None, scales: dict[str, "_Scale"] | None = None) -> dict[str, torch.Tensor]:
+    """Every floating parameter of `model` (or those named in `only`), scaled by `plan` and cast
+    to `dtype`; the model is untouched. `scales`: `scale_factors`' result, if already computed."""
+    scales = scale_factors(model, arch, plan) if scales is None else scales
+    return {
+        name: scaled_tensor(name, param.detach(), scales.get(name), dtype)
+        for name, param in model.named_parameters()
+        if param.is_floating_point() and (only is None or name in only)
+    }
+
+
+def scaled_tensor(name: str, tensor: torch.Tensor, entry: "_Scale | None", dtype: torch.dtype) -> torch.Tensor:
+    """One parameter scaled (float64 arithmetic, a slice of rows at a time, since an embedding can
+    be gigabytes wide), cast once to `dtype` and checked finite."""
+    if entry is None or entry.factor == 1.0:
+        return tensor.to(dtype)
+    new = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+    for source, target in zip(tensor.split(_ROWS), new.split(_ROWS)):
+        target.copy_((source.to(torch.float64) + entry.offset) * entry.factor - entry.offset)
+    if not bool(torch.isfinite(new).all()):
+        raise HalfsafeError(
+            f"scaling {name} by {entry.factor:g} gives non-finite {dtype} values; "
+            "lower --margin or use --strategy keep-fp32"
+        )
+    return new
 
 
 def norm_eps_settings(model: nn.Module, arch: Architecture, plan: Plan) -> list[tuple[object, str, float]]:

@@ -20,7 +20,8 @@ working, and adds three pieces, each on one of transformers' contracts:
   seen even when the logits are finite; reported as events, and a stop when asked.
 
 Processors and criteria keep their flags on the device and the report reads them once, at the
-end: the per-step cost is the one `isfinite(...).any()` check (none under `sanitize`).
+end. The per-step cost is the one check (a sum over the last logits and one host sync; none
+under `sanitize`); a step it found finite skips the sanitizer's work.
 """
 
 from __future__ import annotations
@@ -133,22 +134,27 @@ class SanitizeLogits(LogitsProcessor):
     usable (all NaN or -inf) puts all its mass on `stop_token` (and the monitor stops it).
     Healthy rows pass unchanged. Never mutates `scores`.
 
-    scores: [B, V] -> [B, V]. Per call it appends two [B] flags to `self.flags` (on the device):
-    the row held NaN or +inf; the row had no usable entry.
+    scores: [B, V] -> [B, V]. Per call it appends to `self.flags` either None (the guard's check
+    had already found this step's logits finite: nothing to do, no work on the device) or two
+    [B] flags, kept on the device: the row held NaN or +inf; the row had no usable entry.
     """
 
     def __init__(self, stop_token: int):
         self.stop_token = stop_token
-        self.flags: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.flags: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.verified = False  # set by the guard for one step: its check saw finite logits
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.verified:
+            self.verified = False
+            self.flags.append(None)
+            return scores
         # -inf is a legitimate mask (min_new_tokens, top-k, ...); NaN and +inf are not.
-        nan = torch.isnan(scores)
-        posinf = scores == float("inf")
-        clean = scores.masked_fill(nan, float("-inf")).masked_fill(posinf, INF_LOGIT)
-        broken = (nan | posinf).any(dim=-1)  # [B]
-        usable = (clean > float("-inf")).any(dim=-1)  # [B]
-        clean = torch.where(broken[:, None], clean.log_softmax(dim=-1), clean)
+        clean = torch.nan_to_num(scores, nan=float("-inf"), posinf=INF_LOGIT, neginf=float("-inf"))
+        broken = (clean != scores).any(dim=-1)  # [B]: NaN != anything, and +inf was replaced
+        usable = clean.amax(dim=-1) > float("-inf")  # [B]
+        renormalised = torch.where(usable, clean.logsumexp(dim=-1), 0.0)[:, None]
+        clean = torch.where(broken[:, None], clean - renormalised, clean)
         stop = torch.full_like(clean, float("-inf"))
         stop[:, self.stop_token] = 0.0
         self.flags.append((broken, ~usable))
@@ -199,7 +205,7 @@ class DegenerationMonitor(StoppingCriteria):
         code = torch.where(self.finished, 0, code).to(torch.int8)
         self.codes.append(code)
         done = (code > 0) if self.stop else torch.zeros_like(self.finished)
-        if self.sanitizer is not None and self.sanitizer.flags:
+        if self.sanitizer is not None and self.sanitizer.flags and self.sanitizer.flags[-1] is not None:
             done = done | (self.sanitizer.flags[-1][1] & ~self.finished)
         if self.eos_ids:
             self.finished = self.finished | torch.isin(new[:, -1], torch.tensor(self.eos_ids, device=new.device))
@@ -233,6 +239,7 @@ class GuardedGenerator:
         self.report: GuardReport | None = None
         self._step = 0
         self._monitor: DegenerationMonitor | None = None
+        self._sanitizer: SanitizeLogits | None = None
         self._events: list[GuardEvent] = []
         self._overhead = 0.0
         self._busy = False  # inside the guard's own forwards
@@ -253,7 +260,7 @@ class GuardedGenerator:
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         criteria.append(monitor)
 
-        self._step, self._monitor, self._events, self._overhead = 0, monitor, [], 0.0
+        self._step, self._monitor, self._sanitizer, self._events, self._overhead = 0, monitor, sanitizer, [], 0.0
         started = time.perf_counter()
         handle = self.model.register_forward_hook(self._after_forward, with_kwargs=True)
         try:
@@ -280,8 +287,10 @@ class GuardedGenerator:
             logits = output.logits  # [B, T, V]
             if self.policy == "sanitize":
                 return None
-            broken = ~torch.isfinite(logits[:, -1]).all(dim=-1)  # [B]
+            # One reduction: a sum is non-finite iff the row holds NaN or inf (|logit| < 1e30).
+            broken = ~torch.isfinite(logits[:, -1].sum(dim=-1, dtype=torch.float32))  # [B]
             if not bool(broken.any()):  # the one host synchronisation per step
+                self._sanitizer.verified = True
                 return None
             rows = broken.nonzero()[:, 0].tolist()
             sequence = self._sequence(step, kwargs)
@@ -364,6 +373,7 @@ class GuardedGenerator:
             else:
                 self._events.append(GuardEvent(step, row, UNRECOVERED, module, detail="non-finite in float32 too"))
         output.logits = logits
+        self._sanitizer.verified = all(ok)  # every broken row now holds fp32's finite logits
         return output
 
 
@@ -413,11 +423,14 @@ def _repair_cache(cache, fresh, rows: list[int], fresh_rows: list[int]) -> bool:
 def _flag_events(sanitizer: SanitizeLogits, monitor: DegenerationMonitor) -> list[GuardEvent]:
     """The processors' device-side flags as events: one read at the end of generation."""
     events = []
-    if sanitizer.flags:
-        broken = torch.stack([b for b, _ in sanitizer.flags]).cpu()  # [S, B]
-        empty = torch.stack([e for _, e in sanitizer.flags]).cpu()
-        for step, row in (broken | empty).nonzero().tolist():
-            if empty[step, row]:
+    checked = [(step, f) for step, f in enumerate(sanitizer.flags) if f is not None]
+    if checked:
+        steps = [step for step, _ in checked]
+        broken = torch.stack([b for _, (b, _) in checked]).cpu()  # [S', B]
+        empty = torch.stack([e for _, (_, e) in checked]).cpu()
+        for index, row in (broken | empty).nonzero().tolist():
+            step = steps[index]
+            if empty[index, row]:
                 events.append(GuardEvent(step, row, STOPPED, detail="no usable logit: row stopped"))
             else:
                 events.append(GuardEvent(step, row, SANITIZED, detail="non-finite logits masked"))
