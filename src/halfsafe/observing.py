@@ -155,6 +155,15 @@ class ActivationRecorder:
         self._kinds.setdefault(name, (kind, layer))
         self._calls.setdefault(name, []).append((self.prompt_index, amax, argmax, tuple(tensor.shape)))
 
+    # -- state, for a run that resumes -------------------------------------------------------
+    def state(self) -> dict:
+        """What has been recorded so far (small tensors), to save and `restore` later."""
+        return {"calls": self._calls, "kinds": self._kinds}
+
+    def restore(self, state: dict) -> None:
+        self._calls = {name: list(calls) for name, calls in state["calls"].items()}
+        self._kinds = dict(state["kinds"])
+
     # -- results ----------------------------------------------------------------------------
     def sites(self) -> list[SiteStat]:
         """One SiteStat per site, in the order the sites first ran."""

@@ -1,0 +1,348 @@
+"""Layer-wise: observe, verify and export a model one decoder layer at a time, from disk.
+
+For models larger than memory (a 7B model is 28 GB in fp32), as the field's calibration tools
+do it (llm-compressor's sequential pipeline, GPTQ's layer loop): memory is the largest *unit*
+in fp32 (one decoder layer, or the parts outside the layers: embedding, final norm, output
+embedding) plus the prompts' hidden states between layers; time grows linearly with depth.
+
+How it works, with nothing model-specific:
+- the model is a *skeleton*: transformers builds it from its config with parameters on the
+  meta device (no memory) and buffers real (rotary frequencies are computed, not stored);
+- a unit is *materialised* by reading its tensors from the safetensors files (memory-mapped,
+  one tensor at a time) into the skeleton's parameters, and put back on meta afterwards;
+- the model's own forward prepares each layer's inputs: with the layers replaced by stand-ins
+  that record their arguments and pass the hidden state through, one forward per prompt gives
+  every layer's attention mask, rotary embeddings and positions, exactly as the model makes
+  them (the *capture* pass). The same stand-ins, returning the last layer's real output, let
+  the model's own code finish: final norm, output embedding, logit softcapping (the *tail*);
+- between the two, each real layer runs alone on every prompt's hidden state.
+The observation hooks are the in-memory ones, so the statistics, the plan and the exported
+weights are the same as the in-memory path's (the tests check it bit for bit).
+
+Resumable: the work happens in a directory beside the output (`.NAME.halfsafe-partial`); the
+observation saves its state after every layer and the export writes one shard per unit
+atomically, so a rerun with the same settings continues where the last one stopped. The
+output directory appears only at the end, by a rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .dtypes import dtype_name
+from .errors import HalfsafeError
+from .observing import ActivationRecorder, SiteStat, find_decoder_layers, last_logits_only
+
+OUTER = None  # the unit of everything outside the decoder layers
+_STATE = "observe-state.pt"
+
+
+class _Stop(Exception):
+    """Ends a capture pass after the last layer's stand-in."""
+
+
+# -- the checkpoint on disk ----------------------------------------------------------------
+
+
+class Checkpoint:
+    """A safetensors checkpoint directory, read one tensor at a time (memory-mapped)."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.directory = directory
+        self.files = sorted(directory.glob("*.safetensors"))
+        if not self.files:
+            raise HalfsafeError(f"'{directory}' has no *.safetensors files; layer-wise mode reads safetensors only")
+        self._handles = {f: safe_open(str(f), framework="pt") for f in self.files}
+        self._where = {name: f for f, handle in self._handles.items() for name in handle.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name).to(device=device, dtype=dtype)
+
+    def fingerprint(self) -> str:
+        """Names, sizes and times of the weight files: what a resumed run must find unchanged."""
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+        return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+# -- the skeleton and its units --------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    module: nn.Module
+    leaf: str  # the parameter's name in `module`
+
+
+class LayerwiseModel:
+    """A model whose weights stay on disk until a unit is materialised."""
+
+    def __init__(self, path: Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False,
+                 attn_implementation: str | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .loading import check_checkpoint_dir
+
+        self.path = Path(path)
+        check_checkpoint_dir(self.path)
+        self.checkpoint = Checkpoint(self.path)
+        self.device = torch.device(device)
+        try:
+            config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code, **kwargs)
+        except Exception as exc:
+            raise HalfsafeError(f"could not build the model of '{self.path}': {str(exc).splitlines()[0][:200]}") from exc
+        model.tie_weights()
+        self.model = model.eval()
+        for buffer in self.model.buffers():
+            buffer.data = buffer.data.to(self.device)
+        self.layers_path, self.layers = find_decoder_layers(self.model)
+        self._slots: dict[str, list[_Slot]] = {}  # canonical name (in the checkpoint) -> every place it sits
+        by_id: dict[int, list[tuple[str, _Slot]]] = {}
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            for leaf, param in module._parameters.items():
+                if param is not None:
+                    full = f"{module_name}.{leaf}" if module_name else leaf
+                    by_id.setdefault(id(param), []).append((full, _Slot(module, leaf)))
+        self._keys = _checkpoint_keys(self.model, self.checkpoint)  # parameter name -> tensor name on disk
+        for places in by_id.values():
+            names = [n for n, _ in places]
+            stored = [n for n in names if n in self._keys]
+            if not stored:
+                raise HalfsafeError(
+                    f"'{self.path}' has no tensor for {names[0]}; it is not a checkpoint of this configuration"
+                )
+            self._slots[stored[0]] = [slot for _, slot in places]
+        prefix = self.layers_path + "."
+        self._units: dict[int | None, list[str]] = {OUTER: []}
+        for name in self._slots:
+            index = int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else OUTER
+            self._units.setdefault(index, []).append(name)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def unit_names(self, unit: int | None) -> list[str]:
+        """The canonical parameter names of a unit: layer `unit`, or OUTER."""
+        return self._units.get(unit, [])
+
+    def unit_bytes(self, unit: int | None) -> int:
+        return sum(4 * self._slots[n][0].module._parameters[self._slots[n][0].leaf].numel()
+                   for n in self.unit_names(unit))
+
+    def largest_unit(self) -> tuple[str, int]:
+        sizes = {("outside the layers" if u is OUTER else f"layer {u}"): self.unit_bytes(u) for u in self._units}
+        name = max(sizes, key=sizes.get)
+        return name, sizes[name]
+
+    def tensor_key(self, name: str) -> str:
+        """The checkpoint's name for the parameter `name` (a unit name)."""
+        return self._keys[name]
+
+    def load(self, name: str) -> torch.Tensor:
+        """One parameter's fp32 weights, read from disk without materialising anything."""
+        return self.checkpoint.load(self._keys[name], device=self.device)
+
+    @contextmanager
+    def materialised(self, unit: int | None):
+        """The unit's parameters hold their fp32 weights (on the device) inside the block."""
+        names = self.unit_names(unit)
+        try:
+            for name in names:
+                param = nn.Parameter(self.checkpoint.load(self._keys[name], device=self.device), requires_grad=False)
+                for slot in self._slots[name]:
+                    slot.module._parameters[slot.leaf] = param
+            yield
+        finally:
+            for name in names:
+                slots = self._slots[name]
+                current = slots[0].module._parameters[slots[0].leaf]
+                meta = nn.Parameter(torch.empty(current.shape, dtype=current.dtype, device="meta"), requires_grad=False)
+                for slot in slots:
+                    slot.module._parameters[slot.leaf] = meta
+
+    # -- running -------------------------------------------------------------------------------
+    @contextmanager
+    def _stand_ins(self, behaviour):
+        """Replace every decoder layer by a stand-in calling `behaviour(index, args, kwargs)`."""
+        originals = list(self.layers)
+        try:
+            for index, layer in enumerate(originals):
+                self.layers[index] = _StandIn(index, layer, behaviour)
+            yield
+        finally:
+            for index, layer in enumerate(originals):
+                self.layers[index] = layer
+
+    def capture(self, batch: dict) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """One prompt's hidden state entering layer 0 and every layer's other arguments, as the
+        model's own forward makes them. Needs the OUTER unit materialised."""
+        calls: list[tuple[tuple, dict]] = []
+        first: list[torch.Tensor] = []
+
+        def record(index, args, kwargs):
+            hidden, rest, kwargs = _split_hidden(args, kwargs)
+            if index == 0:
+                first.append(hidden)
+            calls.append((rest, kwargs))
+            if index == self.num_layers - 1:
+                raise _Stop
+            return hidden
+
+        with self._stand_ins(record), torch.inference_mode():
+            try:
+                self.model(**batch, use_cache=False, **last_logits_only(self.model))
+            except _Stop:
+                pass
+        return first[0], calls
+
+    def run_layer(self, index: int, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+        rest, kwargs = call
+        with torch.inference_mode():
+            output = self.layers[index](hidden, *rest, **kwargs)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+    def tail(self, batch: dict, final: torch.Tensor, *, last_only: bool) -> torch.Tensor:
+        """Logits from the last layer's output `final`, by the model's own code after the layers."""
+        def finish(index, args, kwargs):
+            hidden, _, _ = _split_hidden(args, kwargs)
+            return final if index == self.num_layers - 1 else hidden
+
+        extra = last_logits_only(self.model) if last_only else {}
+        with self._stand_ins(finish), torch.inference_mode():
+            return self.model(**batch, use_cache=False, **extra).logits
+
+
+def _checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Parameter name -> the checkpoint's tensor name, through transformers' own renaming rules
+    (e.g. Gemma 3's `language_model.model.*` on disk is `model.language_model.*` in memory).
+    A tensor that transformers would convert (fuse per-expert weights into one stacked tensor)
+    cannot be read one tensor at a time: refused."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    keys = {}
+    for key in checkpoint.keys():
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if converted is not None:
+            raise HalfsafeError(
+                f"'{checkpoint.directory}' stores {key} in a layout transformers converts when loading "
+                f"({type(model).__name__} fuses such tensors); layer-wise mode reads one tensor at a time and "
+                "cannot do that; use the in-memory path"
+            )
+        keys[name] = key
+    return keys
+
+
+class _StandIn(nn.Module):
+    """Sits where a decoder layer sits; the model still reads the layer's attributes through it."""
+
+    def __init__(self, index: int, layer: nn.Module, behaviour):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: no hooks, no parameters
+        self.index = index
+        self.behaviour = behaviour
+
+    def forward(self, *args, **kwargs):
+        return self.behaviour(self.index, args, kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+# -- observation -----------------------------------------------------------------------------
+
+
+def observe_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, state_dir: Path | None = None,
+                      progress=None) -> list[SiteStat]:
+    """The in-memory `observe`, one layer at a time: the same sites with the same values.
+
+    With `state_dir`, the hidden states and statistics are saved after every layer, and a run
+    that finds a state from the same prompts continues after its last layer.
+    """
+    from .observing import encode
+
+    batches = [encode(tokenizer, p, lm.device) for p in prompts]
+    digest = _digest(prompts)
+    state_path = state_dir / _STATE if state_dir is not None else None
+    with ActivationRecorder(lm.model) as recorder:
+        with lm.materialised(OUTER):
+            captured = []
+            for index, batch in enumerate(batches):
+                recorder.prompt_index = index
+                captured.append(lm.capture(batch))
+        hidden = [h for h, _ in captured]
+        start = 0
+        saved = _load_state(state_path, digest)
+        if saved is not None:
+            start, hidden = saved["next_layer"], saved["hidden"]
+            recorder.restore(saved["recorder"])
+        for layer in range(start, lm.num_layers):
+            with lm.materialised(layer):
+                for index in range(len(batches)):
+                    recorder.prompt_index = index
+                    hidden[index] = lm.run_layer(layer, hidden[index], captured[index][1][layer])
+            if state_path is not None:
+                _save_state(state_path, {"digest": digest, "next_layer": layer + 1, "hidden": hidden,
+                                         "recorder": recorder.state()})
+            if progress is not None:
+                progress()
+        with lm.materialised(OUTER):
+            for index, batch in enumerate(batches):
+                recorder.prompt_index = index
+                lm.tail(batch, hidden[index], last_only=True)
+    return recorder.sites()
+
+
+def _digest(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def _load_state(path: Path | None, digest: str) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    return state if state.get("digest") == digest else None
+
+
+def _save_state(path: Path, state: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
