@@ -134,32 +134,41 @@ def diagnose(
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("diagnose observes in float32; load the model with dtype=torch.float32")
     recorder = observe(model, tokenizer, prompts, progress=progress)
-    sites = recorder.sites()
-    eager = recorder.attn_implementation == "eager"
     reference = greedy_continuation(model, tokenizer, prompts[0])
+    confirmations = {target: confirm(model, tokenizer, prompts, target, progress=progress)
+                     for target in (dtype, *[d for d in also if d != dtype])}
+    return assemble_diagnosis(
+        recorder.sites(), confirmations, dtype=dtype, margin=margin, attn_implementation=recorder.attn_implementation,
+        num_layers=recorder.num_layers, num_prompts=len(prompts), model_name=name or type(model).__name__,
+        architecture=type(model).__name__, reference_continuation=reference,
+    )
+
+
+def assemble_diagnosis(sites: list[SiteStat], confirmations: dict, *, dtype: torch.dtype, margin: float,
+                       attn_implementation: str, num_layers: int, num_prompts: int, model_name: str,
+                       architecture: str, reference_continuation: str, notes: list[str] | None = None) -> Diagnosis:
+    """Verdicts from an observation and one confirmation per dtype (the first is the target)."""
+    eager = attn_implementation == "eager"
     counted = [s for s in sites if s.kind != ATTN_LOGITS or eager]  # q.k exists only in eager attention
-    verdicts = []
-    for target in (dtype, *[d for d in also if d != dtype]):
-        confirmed = confirm(model, tokenizer, prompts, target, progress=progress)
-        verdicts.append(_verdict(counted, target, margin, confirmed))
-    notes = []
+    verdicts = [_verdict(counted, target, margin, confirmed) for target, confirmed in confirmations.items()]
+    notes = list(notes or [])
     qk = max((s for s in sites if s.kind == ATTN_LOGITS), key=lambda s: s.max_abs, default=None)
     if qk is not None and not eager and qk.max_abs > dtype_max(dtype):
         notes.append(
             f"attention logits reach {qk.max_abs:,.0f} at {qk.name}: they would overflow {dtype_name(dtype)} "
-            f"in eager attention; this model runs {recorder.attn_implementation}, which does not materialise them"
+            f"in eager attention; this model runs {attn_implementation}, which does not materialise them"
         )
     return Diagnosis(
-        model=name or type(model).__name__,
-        architecture=type(model).__name__,
+        model=model_name,
+        architecture=architecture,
         dtype=dtype_name(dtype),
         margin=margin,
-        attn_implementation=recorder.attn_implementation,
-        num_layers=recorder.num_layers,
-        num_prompts=len(prompts),
-        reference_continuation=reference,
+        attn_implementation=attn_implementation,
+        num_layers=num_layers,
+        num_prompts=num_prompts,
+        reference_continuation=reference_continuation,
         sites=sites,
-        layers=summarise_layers(sites, recorder.num_layers),
+        layers=summarise_layers(sites, num_layers),
         verdicts=verdicts,
         notes=notes,
     )

@@ -41,17 +41,23 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite
     try:
         model.save_pretrained(str(work), max_shard_size="2GB")
         tokenizer.save_pretrained(str(work))
-        _ordinary_permissions(work)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(work, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(work, out)
+        publish(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def publish(directory: Path, out: Path) -> None:
+    """Give a finished checkpoint directory ordinary permissions and rename it to `out`,
+    replacing an existing `out` only once the new one is complete."""
+    _ordinary_permissions(directory)
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(directory, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(directory, out)
 
 
 def _ordinary_permissions(directory: Path) -> None:

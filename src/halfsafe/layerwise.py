@@ -287,6 +287,86 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
     return kwargs.pop("hidden_states"), (), kwargs
 
 
+# -- sweeps: every prompt through every layer, for one or more variants --------------------------
+
+# A variant maps a unit to the context its runs happen in (other weights, another dtype).
+UnitContext = "Callable[[int | None], AbstractContextManager]"
+
+
+class _Sweep:
+    """The prompts' hidden states, carried through the layers for each variant."""
+
+    def __init__(self, lm: LayerwiseModel, batches: list[dict], variants: dict, before_prompt=None):
+        self.lm, self.batches, self.variants = lm, batches, variants
+        self.before_prompt = before_prompt or (lambda index: None)
+        self.calls: dict[str, list] = {}
+        self.hidden: dict[str, list[torch.Tensor]] = {}
+
+    def capture(self) -> None:
+        with self.lm.materialised(OUTER):
+            for name, context in self.variants.items():
+                with context(OUTER):
+                    captured = []
+                    for index, batch in enumerate(self.batches):
+                        self.before_prompt(index)
+                        captured.append(self.lm.capture(batch))
+                self.hidden[name] = [h for h, _ in captured]
+                self.calls[name] = [c for _, c in captured]
+
+    def layer(self, index: int) -> None:
+        with self.lm.materialised(index):
+            for name, context in self.variants.items():
+                with context(index):
+                    hidden = self.hidden[name]
+                    for p in range(len(self.batches)):
+                        self.before_prompt(p)
+                        hidden[p] = self.lm.run_layer(index, hidden[p], self.calls[name][p][index])
+
+    def tails(self, *, last_only: bool):
+        """Yields (prompt index, {variant: logits [B, T, V]}), one prompt at a time."""
+        with self.lm.materialised(OUTER):
+            for p, batch in enumerate(self.batches):
+                self.before_prompt(p)
+                logits = {}
+                for name, context in self.variants.items():
+                    with context(OUTER):
+                        logits[name] = self.lm.tail(batch, self.hidden[name][p], last_only=last_only)
+                yield p, logits
+
+
+def _weights_context(lm: LayerwiseModel, make):
+    """A variant whose unit weights are `make(name, tensor)` of the materialised fp32 ones."""
+    from .precision import use_weights
+
+    def context(unit):
+        names = set(lm.unit_names(unit))
+        weights = {n: make(n, p.data) for n, p in lm.model.named_parameters() if n in names and p.is_floating_point()}
+        return use_weights(lm.model, weights)
+
+    return context
+
+
+def cast_variant(lm: LayerwiseModel, dtype: torch.dtype):
+    return _weights_context(lm, lambda name, tensor: tensor.to(dtype))
+
+
+def fixed_variant(lm: LayerwiseModel, arch, plan, dtype: torch.dtype):
+    """The model as `fix` leaves it: scaled weights in `dtype`, norms' eps, attention kernel."""
+    from .applying import scale_factors, scaled_tensor, use_fix
+
+    scales = scale_factors(lm.model, arch, plan)
+
+    @contextmanager
+    def context(unit):
+        names = set(lm.unit_names(unit))
+        weights = {n: scaled_tensor(n, p.data, scales.get(n), dtype)
+                   for n, p in lm.model.named_parameters() if n in names and p.is_floating_point()}
+        with use_fix(lm.model, arch, plan, weights):
+            yield
+
+    return context
+
+
 # -- observation -----------------------------------------------------------------------------
 
 
@@ -303,32 +383,77 @@ def observe_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, stat
     digest = _digest(prompts)
     state_path = state_dir / _STATE if state_dir is not None else None
     with ActivationRecorder(lm.model) as recorder:
-        with lm.materialised(OUTER):
-            captured = []
-            for index, batch in enumerate(batches):
-                recorder.prompt_index = index
-                captured.append(lm.capture(batch))
-        hidden = [h for h, _ in captured]
+        sweep = _Sweep(lm, batches, {"fp32": lambda unit: nullcontext()},
+                       before_prompt=lambda index: setattr(recorder, "prompt_index", index))
+        sweep.capture()
         start = 0
         saved = _load_state(state_path, digest)
         if saved is not None:
-            start, hidden = saved["next_layer"], saved["hidden"]
+            start, sweep.hidden["fp32"] = saved["next_layer"], saved["hidden"]
             recorder.restore(saved["recorder"])
         for layer in range(start, lm.num_layers):
-            with lm.materialised(layer):
-                for index in range(len(batches)):
-                    recorder.prompt_index = index
-                    hidden[index] = lm.run_layer(layer, hidden[index], captured[index][1][layer])
+            sweep.layer(layer)
             if state_path is not None:
-                _save_state(state_path, {"digest": digest, "next_layer": layer + 1, "hidden": hidden,
+                _save_state(state_path, {"digest": digest, "next_layer": layer + 1, "hidden": sweep.hidden["fp32"],
                                          "recorder": recorder.state()})
             if progress is not None:
                 progress()
-        with lm.materialised(OUTER):
-            for index, batch in enumerate(batches):
-                recorder.prompt_index = index
-                lm.tail(batch, hidden[index], last_only=True)
+        for _ in sweep.tails(last_only=True):
+            pass
     return recorder.sites()
+
+
+# -- verification ----------------------------------------------------------------------------
+
+
+def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], arch, plan, dtype: torch.dtype, *,
+                     progress=None) -> dict:
+    """`fix`'s verification, one layer at a time: the fixed model and bfloat16 against fp32, by the
+    same per-position metrics (teacher-forced; greedy decoding needs the whole model)."""
+    from .observing import encode
+    from .verifying import position_metrics, summarise
+
+    batches = [encode(tokenizer, p, lm.device) for p in prompts]
+    variants = {"fp32": lambda unit: nullcontext(), "fixed": fixed_variant(lm, arch, plan, dtype)}
+    if dtype != torch.bfloat16:
+        variants["bfloat16"] = cast_variant(lm, torch.bfloat16)
+    sweep = _Sweep(lm, batches, variants)
+    sweep.capture()
+    for layer in range(lm.num_layers):
+        sweep.layer(layer)
+        if progress is not None:
+            progress()
+    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": []} for name in variants if name != "fp32"}
+    for p, logits in sweep.tails(last_only=False):
+        reference = logits["fp32"][0].float()
+        targets = batches[p]["input_ids"][0, 1:]
+        for name in collected:
+            for key, value in position_metrics(reference, logits[name][0].float(), targets).items():
+                collected[name][key].append(value.cpu())
+    return {name: summarise(name, values, None, None, 0) for name, values in collected.items()}
+
+
+# -- confirmation (diagnose) -----------------------------------------------------------------
+
+
+def confirm_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], dtype: torch.dtype, *, progress=None):
+    """Run the prompts with the weights cast to `dtype`, layer by layer: how many prompts went
+    non-finite, and the first module (earliest layer, over all prompts) whose output did."""
+    from .diagnosing import Confirmation, FiniteWatch
+    from .observing import encode
+
+    batches = [encode(tokenizer, p, lm.device) for p in prompts]
+    sweep = _Sweep(lm, batches, {"cast": cast_variant(lm, dtype)})
+    bad = torch.zeros(len(batches), dtype=torch.bool)
+    with FiniteWatch(lm.model) as watch:
+        sweep.capture()
+        for layer in range(lm.num_layers):
+            sweep.layer(layer)
+            if progress is not None:
+                progress()
+        for p, logits in sweep.tails(last_only=True):
+            bad[p] = not bool(torch.isfinite(logits["cast"]).all()) or not bool(torch.isfinite(sweep.hidden["cast"][p]).all())
+    return Confirmation(int(bad.sum()), watch.first_nonfinite(), "")
 
 
 def _digest(prompts: list[str]) -> str:

@@ -112,7 +112,7 @@ def measure_fidelity(
                     tokens = greedy_tokens(running, tokenizer, prompts, new_tokens)
                 if progress is not None:
                     progress()
-            results[name] = _summarise(name, collected[name], ref_tokens, tokens, new_tokens)
+            results[name] = summarise(name, collected[name], ref_tokens, tokens, new_tokens)
     return results
 
 
@@ -138,7 +138,8 @@ def match_lengths(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return equal.cumprod(dim=1).sum(dim=1)
 
 
-def _summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
+def summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
+    """A variant's Fidelity from its per-position metrics (and greedy tokens, where measured)."""
     kl = torch.cat(collected["kl"])
     finite = torch.cat(collected["finite"])
     lengths = match_lengths(ref_tokens, tokens) if tokens is not None else None

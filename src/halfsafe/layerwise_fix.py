@@ -1,0 +1,181 @@
+"""`diagnose --layerwise` and `fix --layerwise`: the in-memory jobs, one layer at a time.
+
+The same observation, plan, gate and checkpoint as the in-memory path (the plan comes from the
+same `plan_rescale`, the weights from the same `scaled_tensor`), with memory bounded by the
+largest unit. The work directory beside `--out` holds the observation state and the shards as
+they are written; a rerun with the same settings resumes, a rerun with other settings starts
+over. `--out` appears only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .dtypes import dtype_name, parse_dtype
+from .errors import HalfsafeError
+from .layerwise import OUTER, LayerwiseModel, confirm_layerwise, observe_layerwise, verify_layerwise
+from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'8GB', '7.5GiB', '500MB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise HalfsafeError(f"--max-memory '{text}' is not a size; write e.g. 8GB, 7.5GiB or 500MB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def open_layerwise(path: Path, *, device="cpu", max_memory: int | None = None, **kwargs) -> LayerwiseModel:
+    """The skeleton of the checkpoint at `path`, refused if its largest unit exceeds `max_memory`."""
+    lm = LayerwiseModel(path, device=device, **kwargs)
+    if max_memory is not None:
+        unit, size = lm.largest_unit()
+        if size > max_memory:
+            raise HalfsafeError(
+                f"the largest unit ({unit}) needs {size / 2**30:.2f} GiB in fp32, above --max-memory "
+                f"{max_memory / 2**30:.2f} GiB; layer-wise mode holds one unit at a time, so raise --max-memory"
+            )
+    return lm
+
+
+# -- diagnose ---------------------------------------------------------------------------------
+
+
+def diagnose_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, dtype=torch.float16,
+                       also=(torch.bfloat16,), margin: float = 2.0, name: str | None = None, progress=None):
+    """`diagnose`, one layer at a time. The confirmation in each dtype runs layer by layer too;
+    no greedy continuation is generated (that needs the whole model at every token)."""
+    from .diagnosing import assemble_diagnosis
+
+    sites = observe_layerwise(lm, tokenizer, prompts, progress=progress)
+    confirmations = {d: confirm_layerwise(lm, tokenizer, prompts, d, progress=progress)
+                     for d in (dtype, *[d for d in also if d != dtype])}
+    attn = lm.model.config._attn_implementation or "eager"
+    return assemble_diagnosis(sites, confirmations, dtype=dtype, margin=margin, attn_implementation=attn,
+                              num_layers=lm.num_layers, num_prompts=len(prompts),
+                              model_name=name or str(lm.path), architecture=type(lm.model).__name__,
+                              reference_continuation="", notes=["layer-wise: no greedy continuation was generated"])
+
+
+# -- fix --------------------------------------------------------------------------------------
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.halfsafe-partial"
+
+
+def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch.float16, margin: float = 4.0,
+                  calibration: list[str] | None = None, heldout: list[str] | None = None,
+                  max_kl: float | None = None, verify: bool = True, overwrite: bool = False, progress=None):
+    """Observe, plan, verify and export `lm` for `dtype`, one unit at a time; returns the report.
+
+    Raises VerificationFailed (nothing written, the work directory removed) when the gate fails.
+    """
+    from .exporting import check_export_target
+    from .fixing import FixReport, VerificationFailed, _gate, plan_rescale
+    from .registry import architecture_of
+
+    dtype = parse_dtype(dtype)
+    out = check_export_target(out, overwrite=overwrite, source=lm.path)
+    arch = architecture_of(lm.model)
+    calibration = calibration or bundled_prompts(CALIBRATION)
+    heldout = heldout or bundled_prompts(HELDOUT)
+    work = _open_work_dir(out, {
+        "version": __version__, "source": str(lm.path.resolve()), "weights": lm.checkpoint.fingerprint(),
+        "dtype": dtype_name(dtype), "margin": margin, "calibration": calibration,
+        "heldout": heldout if verify else None, "max_kl": max_kl,
+    })
+    sites = observe_layerwise(lm, tokenizer, calibration, state_dir=work, progress=progress)
+    plan = plan_rescale(lm.model, sites, dtype=dtype, margin=margin)
+    report = FixReport(plan, calibration_prompts=len(calibration), verification_prompts=len(heldout) if verify else 0)
+    if verify:
+        report.fidelity = verify_layerwise(lm, tokenizer, heldout, arch, plan, dtype, progress=progress)
+        report.max_kl = max_kl if max_kl is not None else report.fidelity.get("bfloat16", report.fixed).kl_mean
+        try:
+            _gate(report)
+        except VerificationFailed:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    export_layerwise(lm, arch, plan, dtype, report, tokenizer, work, out, progress=progress)
+    return report
+
+
+def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
+                     *, progress=None) -> Path:
+    """One shard per unit, each tensor read, scaled (`applying.scaled_tensor`), cast and written
+    under its name on disk; then config (eps scaled, dtype, `halfsafe` block), generation config
+    and tokenizer; then the rename to `out`."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from .applying import norm_eps_settings, scale_factors, scaled_tensor
+    from .exporting import publish
+
+    scales = scale_factors(lm.model, arch, plan)
+    target = work / "checkpoint"
+    target.mkdir(exist_ok=True)
+    units = [OUTER, *range(lm.num_layers)]
+    weight_map, total = {}, 0
+    for k, unit in enumerate(units):
+        shard = target / f"model-{k + 1:05d}-of-{len(units):05d}.safetensors"
+        names = lm.unit_names(unit)
+        keys = [lm.tensor_key(n) for n in names]
+        if not shard.exists():  # a resumed run keeps the shards already written
+            tensors = {key: scaled_tensor(name, lm.load(name), scales.get(name), dtype).cpu().contiguous()
+                       for name, key in zip(names, keys)}
+            temporary = shard.with_name(shard.name + ".tmp")
+            save_file(tensors, str(temporary), metadata={"format": "pt"})
+            os.replace(temporary, shard)
+            del tensors
+        for name, key in zip(names, keys):
+            weight_map[key] = shard.name
+            shape = lm.model.get_parameter(name).shape
+            total += torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
+        if progress is not None:
+            progress()
+    (target / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    for obj, attr, value in norm_eps_settings(lm.model, arch, plan):
+        setattr(obj, attr, value)
+    if plan.attn_implementation:
+        lm.model.set_attn_implementation(plan.attn_implementation)
+    config = lm.model.config
+    config.dtype = dtype
+    config.halfsafe = report.to_json()
+    config.save_pretrained(str(target))
+    try:
+        GenerationConfig.from_pretrained(str(lm.path)).save_pretrained(str(target))
+    except OSError:
+        pass  # the checkpoint has no generation config
+    tokenizer.save_pretrained(str(target))
+    publish(target, out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _open_work_dir(out: Path, settings: dict) -> Path:
+    """The work directory beside `out`: reused when it holds a run with the same settings,
+    emptied otherwise."""
+    work = work_dir_for(out)
+    marker = work / "run.json"
+    if work.exists():
+        try:
+            same = json.loads(marker.read_text()) == settings
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings))
+    return work
