@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", metavar="PATH", dest="json_path", help="write the diagnosis as JSON")
     diagnose.add_argument("--plot", metavar="PATH", help="write a PNG of per-layer max |activation|")
     diagnose.add_argument("--fail-on-unsafe", action="store_true", help="exit 3 when the verdict is unsafe")
+    _add_layerwise_options(diagnose)
 
     fix = commands.add_parser(
         "fix",
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     fix.add_argument("--max-kl", type=float, help="gate on this mean KL instead of bfloat16's")
     fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     fix.add_argument("--plan-json", metavar="PATH", help="also write the plan and verification numbers as JSON")
+    fix.add_argument("--no-verify", action="store_true",
+                     help="skip the verification gate (the plan still keeps every site --margin below the limit)")
+    _add_layerwise_options(fix)
 
     compare = commands.add_parser(
         "compare",
@@ -114,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_layerwise_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layerwise", action="store_true",
+                        help="read the checkpoint one decoder layer at a time: memory is one layer in fp32 plus the "
+                        "prompts' hidden states (for models larger than memory; safetensors directories only)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="with --layerwise: refuse a model whose largest unit exceeds SIZE in fp32 (e.g. 8GB)")
+
+
 def _add_calibration_options(parser: argparse.ArgumentParser, margin: float, margin_help: str) -> None:
     parser.add_argument("--dtype", default="float16", help="target dtype (default float16)")
     parser.add_argument("--prompts", metavar="FILE",
@@ -129,6 +141,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modelling code")
     parser.add_argument("--attn-implementation", choices=["eager", "sdpa"],
                         help="attention kernel to load the model with (default: transformers' choice)")
+    parser.add_argument("--device-map", metavar="MAP",
+                        help="accelerate device map for the in-memory path (auto, balanced, sequential, cpu): spread "
+                        "a model over several GPUs or offload to CPU; replaces --device")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +183,32 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _load(args, console):
+    from .session import load_for_cli
+
+    return load_for_cli(args.model, console, device=args.device, device_map=args.device_map,
+                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                        attn_implementation=args.attn_implementation)
+
+
+def _check_layerwise(args) -> int | None:
+    """The layer-wise options, checked before anything loads; returns --max-memory in bytes."""
+    if not args.layerwise:
+        if args.max_memory:
+            raise HalfsafeError("--max-memory applies to --layerwise; add --layerwise, or drop --max-memory")
+        return None
+    if args.device_map:
+        raise HalfsafeError("--device-map is for the in-memory path; with --layerwise use --device")
+    from .layerwise_fix import parse_memory
+
+    return parse_memory(args.max_memory) if args.max_memory else None
+
+
 def run_diagnose(args) -> int:
     from .dtypes import parse_dtype
     from .prompts import bundled_prompts, read_prompts
     from .reporting import check_output_path, plot_diagnosis, render_diagnosis, write_json
-    from .session import diagnose_with_progress, load_for_cli, make_console
+    from .session import diagnose_with_progress, make_console
 
     # Everything that can be refused is refused before the model loads.
     dtype = parse_dtype(args.dtype)
@@ -182,10 +218,14 @@ def run_diagnose(args) -> int:
     json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
     plot_path = check_output_path(args.plot, "plot") if args.plot else None
 
+    max_memory = _check_layerwise(args)
     console = make_console()
-    loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
-                          trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
-    diagnosis = diagnose_with_progress(loaded, prompts, dtype, args.margin, console)
+    if args.layerwise:
+        from .session import diagnose_layerwise_with_progress
+
+        diagnosis = diagnose_layerwise_with_progress(args, console, prompts, dtype, max_memory)
+    else:
+        diagnosis = diagnose_with_progress(_load(args, console), prompts, dtype, args.margin, console)
     render_diagnosis(diagnosis, console)
     if json_path:
         write_json(diagnosis.to_json(), json_path)
@@ -203,7 +243,7 @@ def run_fix(args) -> int:
     from .exporting import check_export_target, export_checkpoint
     from .prompts import read_prompts
     from .reporting import check_output_path, render_fix, write_json
-    from .session import fix_with_progress, load_for_cli, make_console
+    from .session import fix_with_progress, make_console
 
     dtype = parse_dtype(args.dtype)
     if not args.margin >= 1:
@@ -223,12 +263,25 @@ def run_fix(args) -> int:
             raise HalfsafeError("--out DIR is required: where to write the fixed checkpoint")
         check_export_target(args.out, overwrite=args.overwrite, source=source)
     plan_path = check_output_path(args.plan_json, "plan JSON") if args.plan_json else None
+    max_memory = _check_layerwise(args)
+    if args.layerwise and args.strategy != "rescale":
+        raise HalfsafeError("--layerwise writes a rescaled checkpoint; it does not combine with --strategy keep-fp32")
 
     console = make_console()
-    loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
-                          trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+    if args.layerwise:
+        from .session import fix_layerwise_with_progress
+
+        report = fix_layerwise_with_progress(args, console, dtype=dtype, calibration=calibration, heldout=heldout,
+                                             max_memory=max_memory)
+        render_fix(report, console)
+        console.print(f"fixed checkpoint written to {Path(args.out).expanduser().resolve()}", highlight=False)
+        if plan_path:
+            write_json(report.to_json(), plan_path)
+        return 0
+    loaded = _load(args, console)
     model, report = fix_with_progress(loaded, console, dtype=dtype, strategy=args.strategy, margin=args.margin,
-                                      calibration=calibration, heldout=heldout, max_kl=args.max_kl)
+                                      calibration=calibration, heldout=heldout, max_kl=args.max_kl,
+                                      verify=not args.no_verify)
     render_fix(report, console)
     if args.out:
         out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)
@@ -252,8 +305,7 @@ def run_compare(args) -> int:
     plot_path = check_output_path(args.plot, "plot") if args.plot else None
 
     console = make_console()
-    loaded = load_for_cli(args.model, console, device=args.device, allow_pickle=args.allow_pickle,
-                          trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+    loaded = _load(args, console)
     results = compare_with_progress(loaded, console, texts, names, new_tokens=args.new_tokens,
                                                 speed=not args.no_speed)
     title = f"{loaded.name}: {len(texts)} texts, {results[0].fidelity.positions} positions, reference fp32"
@@ -298,7 +350,7 @@ def run_generate(args) -> int:
 
     console = make_console(stderr=True)
     loaded, notes = load_for_generation(args.model, console, dtype=args.dtype, device=args.device,
-                                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                                        device_map=args.device_map, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                                         attn_implementation=args.attn_implementation)
     def notify(line: str) -> None:
         console.print(f"advice: {line}", style="yellow", markup=False, highlight=False, soft_wrap=True)

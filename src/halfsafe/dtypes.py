@@ -1,4 +1,4 @@
-"""Target dtypes and their finite range."""
+"""Target dtypes, their finite range, and sizes in bytes."""
 
 from __future__ import annotations
 
@@ -39,3 +39,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_max(dtype: torch.dtype) -> float:
     """Largest finite value: 65,504 for float16, about 3.39e38 for bfloat16."""
     return float(torch.finfo(dtype).max)
+
+
+def format_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'; binary units, as memory is counted."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}" if unit != "GiB" else f"{count / size:,.2f} {unit}"
+    return f"{count} B"

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .dtypes import dtype_max, dtype_name
+from .dtypes import dtype_max, dtype_name, format_bytes
 from .errors import HalfsafeError
 from .observing import ATTN_LOGITS, RESIDUAL, SiteStat, find_decoder_layers
 
@@ -44,15 +44,11 @@ class KeepPlan:
         if self.is_identity:
             return f"no layer needs fp32: every site is {self.margin:g}x below the {self.dtype} limit"
         return (f"keep {len(self.kept_layers)} layer(s) in fp32 ({_ranges(self.kept_layers)}): "
-                f"+{_size(self.fp32_bytes)} over the all-{self.dtype} weights ({_size(self.half_bytes)}); "
+                f"+{format_bytes(self.fp32_bytes)} over the all-{self.dtype} weights ({format_bytes(self.half_bytes)}); "
                 "second best to rescaling")
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _size(count: int) -> str:
-    return f"{count / 2**20:,.1f} MiB" if count >= 2**20 else f"{count / 2**10:,.1f} KiB"
 
 
 def _ranges(indices: list[int]) -> str:

@@ -56,7 +56,11 @@ class _Stop(Exception):
 
 
 class Checkpoint:
-    """A safetensors checkpoint directory, read one tensor at a time (memory-mapped)."""
+    """A safetensors checkpoint directory, read one tensor at a time.
+
+    Each read opens its file and closes it again: a file kept open stays memory-mapped, and the
+    pages a run has read would then count as resident until the end of the run.
+    """
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
@@ -65,8 +69,10 @@ class Checkpoint:
         self.files = sorted(directory.glob("*.safetensors"))
         if not self.files:
             raise HalfsafeError(f"'{directory}' has no *.safetensors files; layer-wise mode reads safetensors only")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in self.files}
-        self._where = {name: f for f, handle in self._handles.items() for name in handle.keys()}
+        self._where = {}
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as handle:
+                self._where.update((name, path) for name in handle.keys())
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -75,7 +81,11 @@ class Checkpoint:
         return list(self._where)
 
     def load(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name).to(device=device, dtype=dtype)
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        return tensor.to(device=device, dtype=dtype)
 
     def fingerprint(self) -> str:
         """Names, sizes and times of the weight files: what a resumed run must find unchanged."""

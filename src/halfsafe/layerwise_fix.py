@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .dtypes import dtype_name, parse_dtype
+from .dtypes import dtype_name, format_bytes, parse_dtype
 from .errors import HalfsafeError
 from .layerwise import OUTER, LayerwiseModel, confirm_layerwise, observe_layerwise, verify_layerwise
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
@@ -43,8 +43,8 @@ def open_layerwise(path: Path, *, device="cpu", max_memory: int | None = None, *
         unit, size = lm.largest_unit()
         if size > max_memory:
             raise HalfsafeError(
-                f"the largest unit ({unit}) needs {size / 2**30:.2f} GiB in fp32, above --max-memory "
-                f"{max_memory / 2**30:.2f} GiB; layer-wise mode holds one unit at a time, so raise --max-memory"
+                f"the largest unit ({unit}) needs {format_bytes(size)} in fp32, above --max-memory "
+                f"{format_bytes(max_memory)}; layer-wise mode holds one unit at a time, so raise --max-memory"
             )
     return lm
 

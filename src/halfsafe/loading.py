@@ -52,13 +52,18 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
-    """Load MODEL (directory, hub id, .gguf file or 'demo') with its tokenizer, in eval mode."""
+    """Load MODEL (directory, hub id, .gguf file or 'demo') with its tokenizer, in eval mode.
+    `device_map` goes to `from_pretrained` (accelerate): several GPUs, or offload to CPU."""
     spec = str(model).strip()
     if not spec:
         raise HalfsafeError("MODEL is empty; pass a local directory, a .gguf file, a hub id or 'demo'")
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if device_map is not None:
+        extra["device_map"] = device_map
     if spec == DEMO:
-        return _load_dir(demo_checkpoint(), DEMO_NAME, dtype, False, False, attn_implementation)
+        return _load_dir(demo_checkpoint(), DEMO_NAME, dtype, False, False, extra)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
@@ -66,15 +71,33 @@ def load_model(
                 raise HalfsafeError(
                     f"'{spec}' is a file, not a model; pass a Hugging Face model directory or a .gguf file"
                 )
-            return _load_gguf(path, spec, dtype, attn_implementation)
-        return _load_dir(path, spec, dtype, allow_pickle, trust_remote_code, attn_implementation)
+            return _load_gguf(path, spec, dtype, extra)
+        return _load_dir(path, spec, dtype, allow_pickle, trust_remote_code, extra)
     if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
         directory = _resolve_hub_id(spec, allow_pickle)
-        return _load_dir(directory, spec, dtype, allow_pickle, trust_remote_code, attn_implementation)
+        return _load_dir(directory, spec, dtype, allow_pickle, trust_remote_code, extra)
     raise HalfsafeError(
         f"model path '{spec}' does not exist; pass a local Hugging Face directory, a .gguf file, "
         "a hub id (org/name) or 'demo'"
     )
+
+
+def resolve_checkpoint_dir(model: str, *, allow_pickle: bool = False) -> Path:
+    """MODEL as a safetensors checkpoint directory, for code that reads the weights itself
+    (layer-wise mode): a local directory, a hub id's snapshot, or the demo's cache."""
+    spec = str(model).strip()
+    if spec == DEMO:
+        return demo_checkpoint()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        raise HalfsafeError(f"'{spec}' is a file; layer-wise mode reads a safetensors checkpoint directory "
+                            "(convert a GGUF file with 'halfsafe fix' in memory first)")
+    if path.is_dir():
+        check_checkpoint_dir(path, allow_pickle)
+        return path
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return _resolve_hub_id(spec, allow_pickle)
+    raise HalfsafeError(f"model path '{spec}' does not exist; pass a local Hugging Face directory, a hub id or 'demo'")
 
 
 # --- local directories --------------------------------------------------------------------
@@ -106,16 +129,14 @@ def _load_dir(
     dtype: torch.dtype,
     allow_pickle: bool,
     trust_remote_code: bool,
-    attn_implementation: str | None,
+    extra: dict,
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     check_checkpoint_dir(path, allow_pickle)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # transformers raises many types; the user needs one line
@@ -203,13 +224,11 @@ def read_gguf_header(path: Path) -> dict:
     }
 
 
-def _load_gguf(path: Path, name: str, dtype: torch.dtype, attn_implementation: str | None) -> LoadedModel:
+def _load_gguf(path: Path, name: str, dtype: torch.dtype, extra: dict) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     header = read_gguf_header(path)
-    kwargs = dict(gguf_file=path.name, dtype=dtype)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = dict(gguf_file=path.name, dtype=dtype, **extra)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
     except Exception as exc:
@@ -261,7 +280,7 @@ def demo_checkpoint() -> Path:
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         gguf_path = packaged.assemble(work / packaged.MODEL_NAME)
-        loaded = _load_gguf(gguf_path, DEMO_NAME, torch.float32, None)
+        loaded = _load_gguf(gguf_path, DEMO_NAME, torch.float32, {})
         out = work / "hf"
         loaded.model.save_pretrained(str(out))
         loaded.tokenizer.save_pretrained(str(out))

@@ -62,9 +62,12 @@ def render_diagnosis(diagnosis: Diagnosis, console: Console) -> None:
         )
     console.print(sites)
 
-    console.print(f"fp32 continuation of prompt 0: {diagnosis.reference_continuation!r}", markup=False, highlight=False)
-    for verdict in diagnosis.verdicts:
-        console.print(f"{verdict.dtype} continuation of prompt 0: {verdict.continuation!r}", markup=False, highlight=False)
+    if diagnosis.reference_continuation:  # the layer-wise path generates none
+        console.print(f"fp32 continuation of prompt 0: {diagnosis.reference_continuation!r}", markup=False,
+                      highlight=False)
+        for verdict in diagnosis.verdicts:
+            console.print(f"{verdict.dtype} continuation of prompt 0: {verdict.continuation!r}", markup=False,
+                          highlight=False)
     for note in diagnosis.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     for verdict in diagnosis.verdicts:

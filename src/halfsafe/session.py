@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .diagnosing import Diagnosis, diagnose
-from .dtypes import dtype_name
+from .dtypes import dtype_name, format_bytes
 from .errors import HalfsafeError
-from .loading import DEMO, LoadedModel, is_demo_cached, load_model
+from .loading import DEMO, DEMO_NAME, LoadedModel, is_demo_cached, load_model
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -52,19 +52,22 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_for_cli(model: str, console: Console, *, device: str = "auto", **kwargs) -> LoadedModel:
+def load_for_cli(model: str, console: Console, *, device: str = "auto", device_map: str | None = None,
+                 **kwargs) -> LoadedModel:
+    """MODEL in fp32, on `device`, or spread by an accelerate `device_map`."""
     target = resolve_device(device)
     quiet_transformers()
     if model == DEMO and not is_demo_cached():
         console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
     with console.status(f"loading {model} ..."):
-        loaded = load_model(model, dtype=torch.float32, **kwargs)
-        loaded.model.to(target)
+        loaded = load_model(model, dtype=torch.float32, device_map=device_map, **kwargs)
+        if device_map is None:
+            loaded.model.to(target)
     return loaded
 
 
-def load_for_generation(model: str, console: Console, *, dtype: str, device: str = "auto", **kwargs
-                        ) -> tuple[LoadedModel, list[str]]:
+def load_for_generation(model: str, console: Console, *, dtype: str, device: str = "auto",
+                        device_map: str | None = None, **kwargs) -> tuple[LoadedModel, list[str]]:
     """Load MODEL to generate in `dtype` ('auto' chooses by hardware); returns notes that say why.
 
     `auto` on a GPU without bfloat16 means float16 with halfsafe's fix, applied in memory when
@@ -86,11 +89,12 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
     if model == DEMO and not is_demo_cached():
         console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
     with console.status(f"loading {model} ..."):
-        loaded = load_model(model, dtype=torch.float32 if fix else wanted, **kwargs)
+        loaded = load_model(model, dtype=torch.float32 if fix else wanted, device_map=device_map, **kwargs)
         if fix and getattr(loaded.model.config, "halfsafe", None):
             fix = False  # an exported halfsafe checkpoint: already fixed
             notes.append("the checkpoint is already fixed by halfsafe")
-        loaded.model.to(target)
+        if device_map is None:
+            loaded.model.to(target)
     if fix:
         from .fixing import fix as fix_model
 
@@ -133,3 +137,46 @@ def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str
     passes = len(texts) + len(names)  # one forward per text for every variant, then greedy per variant
     with progress_bar(console, "comparing", passes) as advance:
         return compare(loaded.model, loaded.tokenizer, texts, names, progress=advance, **kwargs)
+
+
+# -- layer-wise ------------------------------------------------------------------------------
+
+
+def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
+    """MODEL's skeleton and tokenizer, for the layer-wise path."""
+    from .layerwise_fix import open_layerwise
+    from .loading import load_tokenizer, resolve_checkpoint_dir
+
+    target = resolve_device(args.device)
+    quiet_transformers()
+    if args.model == DEMO and not is_demo_cached():
+        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
+    path = resolve_checkpoint_dir(args.model, allow_pickle=False)
+    lm = open_layerwise(path, device=target, max_memory=max_memory, trust_remote_code=args.trust_remote_code,
+                        attn_implementation=args.attn_implementation)
+    unit, size = lm.largest_unit()
+    console.print(f"layer-wise: {lm.num_layers} layers; the largest unit ({unit}) takes {format_bytes(size)} in fp32",
+                  highlight=False)
+    return lm, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+
+
+def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str], dtype: torch.dtype,
+                                     max_memory: int | None) -> Diagnosis:
+    from .layerwise_fix import diagnose_layerwise
+
+    lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
+    also = tuple(d for d in (torch.bfloat16,) if d != dtype)
+    with progress_bar(console, "diagnosing layer by layer", lm.num_layers * (2 + len(also))) as advance:
+        return diagnose_layerwise(lm, tokenizer, prompts, dtype=dtype, also=also, margin=args.margin,
+                                  name=args.model if args.model != DEMO else DEMO_NAME, progress=advance)
+
+
+def fix_layerwise_with_progress(args, console: Console, *, max_memory: int | None, **kwargs):
+    from .layerwise_fix import fix_layerwise
+
+    lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
+    verify = not args.no_verify
+    steps = lm.num_layers * (2 if verify else 1) + lm.num_layers + 1  # observe, verify, export (+ outer unit)
+    with progress_bar(console, "fixing layer by layer", steps) as advance:
+        return fix_layerwise(lm, tokenizer, args.out, margin=args.margin, max_kl=args.max_kl, verify=verify,
+                             overwrite=args.overwrite, progress=advance, **kwargs)
