@@ -1,0 +1,243 @@
+"""Layer-wise diagnose and fix: the in-memory results, one layer at a time, within a memory cap."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from halfsafe.cli import main
+from halfsafe.errors import HalfsafeError
+from halfsafe.exporting import export_checkpoint
+from halfsafe.fixing import fix
+from halfsafe.layerwise import LayerwiseModel, observe_layerwise
+from halfsafe.layerwise_fix import diagnose_layerwise, fix_layerwise, open_layerwise, parse_memory, work_dir_for
+from halfsafe.loading import load_model, load_tokenizer
+from halfsafe.observing import observe
+from halfsafe.prompts import HELDOUT, bundled_prompts
+
+CALIBRATION = bundled_prompts()[:6]
+HELD = bundled_prompts(HELDOUT)[:3]
+
+
+def _tensors(directory: Path) -> dict:
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(str(path)))
+    return found
+
+
+def _config(directory: Path) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("halfsafe")  # the verification numbers: greedy decoding is in-memory only
+    return config
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3"])
+def test_layerwise_observation_equals_the_in_memory_one(tiny_dirs, arch):
+    path = tiny_dirs[arch, "residual"]
+    loaded = load_model(str(path))
+    expected = {s.name: s for s in observe(loaded.model, loaded.tokenizer, CALIBRATION).sites()}
+    got = {s.name: s for s in observe_layerwise(LayerwiseModel(path), loaded.tokenizer, CALIBRATION)}
+    assert got == expected  # every site: max, channel, position, prompt
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gemma3"])
+def test_layerwise_fix_writes_the_in_memory_checkpoint_bit_for_bit(tiny_dirs, tmp_path, arch):
+    path = tiny_dirs[arch, "residual"]
+    loaded = load_model(str(path))
+    model, report = fix(loaded.model, loaded.tokenizer, calibration=CALIBRATION, heldout=HELD)
+    export_checkpoint(model, loaded.tokenizer, tmp_path / "in-memory")
+    layerwise = fix_layerwise(open_layerwise(path), loaded.tokenizer, tmp_path / "layerwise",
+                              calibration=CALIBRATION, heldout=HELD)
+    assert layerwise.plan == report.plan and report.plan.residual_scale < 1
+    ours, theirs = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "in-memory")
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype == torch.float16 and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _config(tmp_path / "layerwise") == _config(tmp_path / "in-memory")
+    for name in ("fixed", "bfloat16"):  # the same teacher-forced numbers, computed layer by layer
+        assert layerwise.fidelity[name].kl_mean == pytest.approx(report.fidelity[name].kl_mean, rel=1e-9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-memory", "layerwise"]  # no work directory left
+    reloaded = load_model(str(tmp_path / "layerwise"), dtype=torch.float16).model  # plain transformers
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+
+
+def test_layerwise_diagnosis_matches_the_in_memory_verdicts(tiny_dirs):
+    from halfsafe.diagnosing import diagnose
+
+    path = tiny_dirs["gemma3_text", "residual"]
+    loaded = load_model(str(path))
+    expected = diagnose(loaded.model, loaded.tokenizer, CALIBRATION)
+    got = diagnose_layerwise(LayerwiseModel(path), loaded.tokenizer, CALIBRATION)
+    for ours, theirs in zip(got.verdicts, expected.verdicts):
+        assert (ours.status, ours.max_abs, ours.max_site, ours.nonfinite_prompts) == \
+               (theirs.status, theirs.max_abs, theirs.max_site, theirs.nonfinite_prompts)
+        assert (ours.first_nonfinite is None) == (theirs.first_nonfinite is None)
+    assert got.target.first_nonfinite.startswith("model.layers.1.")
+    assert got.layers == expected.layers
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _counting(stop_at: int | None = None):
+    calls = []
+
+    def progress():
+        calls.append(1)
+        if stop_at is not None and len(calls) == stop_at:
+            raise _Interrupt
+
+    return progress, calls
+
+
+@pytest.mark.parametrize("stop_at", [3, 10])  # during the observation; during the export
+def test_an_interrupted_run_resumes_and_never_leaves_a_partial_output(tiny_dirs, tmp_path, stop_at):
+    path = tiny_dirs["qwen3", "residual"]
+    tokenizer = load_tokenizer(path)
+    out = tmp_path / "fixed"
+    layers = 4  # progress: 4 observation layers, 4 verification layers, 5 export units
+    interrupted, _ = _counting(stop_at)
+    with pytest.raises(_Interrupt):
+        fix_layerwise(open_layerwise(path), tokenizer, out, calibration=CALIBRATION, heldout=HELD, progress=interrupted)
+    assert not out.exists() and work_dir_for(out).is_dir()
+
+    resumed, calls = _counting()
+    fix_layerwise(open_layerwise(path), tokenizer, out, calibration=CALIBRATION, heldout=HELD, progress=resumed)
+    if stop_at <= layers:  # the observation restarts after its last completed layer
+        assert len(calls) == (layers - stop_at) + layers + (layers + 1)  # the state is saved before progress
+    assert not work_dir_for(out).exists()
+
+    fix_layerwise(open_layerwise(path), tokenizer, tmp_path / "clean", calibration=CALIBRATION, heldout=HELD)
+    ours, clean = _tensors(out), _tensors(tmp_path / "clean")
+    assert ours.keys() == clean.keys() and all(torch.equal(ours[k], clean[k]) for k in ours)
+
+
+def test_a_rerun_with_other_settings_starts_over(tiny_dirs, tmp_path):
+    path = tiny_dirs["qwen3", "residual"]
+    tokenizer = load_tokenizer(path)
+    out = tmp_path / "fixed"
+    interrupted, _ = _counting(3)
+    with pytest.raises(_Interrupt):
+        fix_layerwise(open_layerwise(path), tokenizer, out, calibration=CALIBRATION, heldout=HELD, progress=interrupted)
+    progress, calls = _counting()
+    fix_layerwise(open_layerwise(path), tokenizer, out, calibration=CALIBRATION[:4], heldout=HELD, progress=progress)
+    assert len(calls) == 4 + 4 + 5  # a full observation: the saved state was for other prompts
+
+
+def test_layerwise_refusals_are_one_clear_line(tiny_dirs, tmp_path):
+    with pytest.raises(HalfsafeError, match="layout transformers converts when loading .* use the in-memory path"):
+        LayerwiseModel(tiny_dirs["qwen3_moe", "residual"])
+    with pytest.raises(HalfsafeError, match=r"largest unit \(outside the layers\) needs 160.2 KiB in fp32, above --max-memory 1000 B"):
+        open_layerwise(tiny_dirs["llama", None], max_memory=parse_memory("1KB"))
+    assert parse_memory("7.5GiB") == int(7.5 * 2**30) and parse_memory("500MB") == 500 * 10**6
+    with pytest.raises(HalfsafeError, match="'8XB' is not a size"):
+        parse_memory("8XB")
+
+
+def _fix_cli(tiny_dirs, tmp_path, *args):
+    return main(["fix", str(tiny_dirs["llama", "residual"]), "--out", str(tmp_path / "out"), "--prompts",
+                 str(tmp_path / "p.txt"), "--heldout", str(tmp_path / "p.txt"), *args])
+
+
+def test_fix_layerwise_command(tiny_dirs, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("The capital of France is\ndef add(a, b):\n", encoding="utf-8")
+    assert _fix_cli(tiny_dirs, tmp_path, "--layerwise", "--max-memory", "1GB", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "layer-wise: 4 layers; the largest unit" in out and "fixed checkpoint written to" in out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory", "1GB"], "--max-memory applies to --layerwise"),
+    (["--layerwise", "--device-map", "auto"], "with --layerwise use --device"),
+    (["--layerwise", "--max-memory", "1KB"], "raise --max-memory"),
+    (["--layerwise", "--max-memory", "lots"], "'lots' is not a size"),
+])
+def test_fix_layerwise_bad_inputs(tiny_dirs, tmp_path, capsys, args, message):
+    (tmp_path / "p.txt").write_text("The capital of France is\n", encoding="utf-8")
+    assert _fix_cli(tiny_dirs, tmp_path, *args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
+
+
+def test_device_map_loads_the_in_memory_path(tiny_dirs, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("The capital of France is\n", encoding="utf-8")
+    code = main(["diagnose", str(tiny_dirs["llama", "residual"]), "--prompts", str(tmp_path / "p.txt"),
+                 "--device-map", "cpu"])
+    assert code == 0 and "float16: UNSAFE" in capsys.readouterr().out
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+_RUN = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    from halfsafe.session import quiet_transformers
+    quiet_transformers()
+    source, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    # The code both paths import (transformers' model classes) is not what is measured.
+    import halfsafe.exporting, halfsafe.fixing, halfsafe.layerwise_fix, halfsafe.loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.llama import modeling_llama
+    prompts = dict(calibration=["The capital of France is", "def add(a, b):"], heldout=["1 + 1 = 2", "Hello"])
+    statm = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+    if mode == "layerwise":
+        from halfsafe.layerwise_fix import fix_layerwise, open_layerwise
+        from halfsafe.loading import load_tokenizer
+        before = statm()
+        fix_layerwise(open_layerwise(source), load_tokenizer(source), out, **prompts)
+    else:
+        from halfsafe.exporting import export_checkpoint
+        from halfsafe.fixing import fix
+        from halfsafe.loading import load_model
+        before = statm()
+        loaded = load_model(str(source))
+        model, _ = fix(loaded.model, loaded.tokenizer, **prompts)
+        export_checkpoint(model, loaded.tokenizer, out)
+    # VmHWM, not ru_maxrss: the latter keeps the parent's resident size from before the exec.
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(before, peak)
+""")
+
+
+def _peak_extra(source: Path, out: Path, mode: str) -> int:
+    """Peak resident memory of a fresh process doing the job, above what it held before it."""
+    done = subprocess.run([sys.executable, "-c", _RUN, str(source), str(out), mode], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, peak = map(int, done.stdout.split())
+    print(mode, before >> 20, peak >> 20)
+    return peak - before
+
+
+def test_a_model_several_times_the_cap_is_fixed_under_it_with_the_in_memory_result(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from halfsafe.testing import BOS, EOS, PAD, VOCAB, byte_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+    source = tmp_path / "source"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    size = sum(p.numel() * 4 for p in model.parameters())  # ~1.1 GB in fp32
+    model.save_pretrained(str(source))
+    byte_tokenizer().save_pretrained(str(source))
+    del model
+    cap = size // 4
+
+    layerwise = _peak_extra(source, tmp_path / "layerwise", "layerwise")
+    in_memory = _peak_extra(source, tmp_path / "in-memory", "in-memory")
+    assert layerwise < cap < in_memory, (layerwise, cap, in_memory)
+    ours, theirs = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "in-memory")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
