@@ -44,7 +44,10 @@ from .dtypes import dtype_name
 from .errors import HalfsafeError
 from .observing import ActivationRecorder, SiteStat, find_decoder_layers, last_logits_only
 
-OUTER = None  # the unit of everything outside the decoder layers
+# Units besides the layers: everything outside them (what the export writes), and its two
+# halves as the passes need them: the input embedding (capture) and the rest (tail). A tied
+# output embedding is the input embedding's tensor, so it is in both halves.
+OUTER, INPUT, FINAL = "outside the layers", "input embedding", "after the layers"
 _STATE = "observe-state.pt"
 
 
@@ -146,25 +149,32 @@ class LayerwiseModel:
                 )
             self._slots[stored[0]] = [slot for _, slot in places]
         prefix = self.layers_path + "."
-        self._units: dict[int | None, list[str]] = {OUTER: []}
-        for name in self._slots:
+        self._units: dict[int | str, list[str]] = {OUTER: [], INPUT: [], FINAL: []}
+        embedding = self.model.get_input_embeddings()
+        for name, slots in self._slots.items():
             index = int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else OUTER
             self._units.setdefault(index, []).append(name)
+            if index == OUTER:
+                if any(slot.module is embedding for slot in slots):
+                    self._units[INPUT].append(name)
+                if any(slot.module is not embedding for slot in slots):
+                    self._units[FINAL].append(name)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def unit_names(self, unit: int | None) -> list[str]:
-        """The canonical parameter names of a unit: layer `unit`, or OUTER."""
+    def unit_names(self, unit: int | str) -> list[str]:
+        """The canonical parameter names of a unit: layer `unit`, OUTER, INPUT or FINAL."""
         return self._units.get(unit, [])
 
-    def unit_bytes(self, unit: int | None) -> int:
+    def unit_bytes(self, unit: int | str) -> int:
         return sum(4 * self._slots[n][0].module._parameters[self._slots[n][0].leaf].numel()
                    for n in self.unit_names(unit))
 
     def largest_unit(self) -> tuple[str, int]:
-        sizes = {("outside the layers" if u is OUTER else f"layer {u}"): self.unit_bytes(u) for u in self._units}
+        """The largest set of weights held at once (in fp32), and its name."""
+        sizes = {(u if isinstance(u, str) else f"layer {u}"): self.unit_bytes(u) for u in self._units if u != OUTER}
         name = max(sizes, key=sizes.get)
         return name, sizes[name]
 
@@ -172,12 +182,13 @@ class LayerwiseModel:
         """The checkpoint's name for the parameter `name` (a unit name)."""
         return self._keys[name]
 
-    def load(self, name: str) -> torch.Tensor:
-        """One parameter's fp32 weights, read from disk without materialising anything."""
-        return self.checkpoint.load(self._keys[name], device=self.device)
+    def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """One parameter's weights (in `dtype`, or as stored if None), read from disk without
+        materialising anything."""
+        return self.checkpoint.load(self._keys[name], dtype=dtype, device=self.device)
 
     @contextmanager
-    def materialised(self, unit: int | None):
+    def materialised(self, unit: int | str):
         """The unit's parameters hold their fp32 weights (on the device) inside the block."""
         names = self.unit_names(unit)
         try:
@@ -209,7 +220,7 @@ class LayerwiseModel:
 
     def capture(self, batch: dict) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
         """One prompt's hidden state entering layer 0 and every layer's other arguments, as the
-        model's own forward makes them. Needs the OUTER unit materialised."""
+        model's own forward makes them. Needs the INPUT unit materialised."""
         calls: list[tuple[tuple, dict]] = []
         first: list[torch.Tensor] = []
 
@@ -236,14 +247,17 @@ class LayerwiseModel:
         return output[0] if isinstance(output, (tuple, list)) else output
 
     def tail(self, batch: dict, final: torch.Tensor, *, last_only: bool) -> torch.Tensor:
-        """Logits from the last layer's output `final`, by the model's own code after the layers."""
+        """Logits from the last layer's output `final`, by the model's own code after the layers.
+        Needs the FINAL unit materialised: the embedding's output is never read (the last stand-in
+        returns `final`), so zeros of its shape and dtype stand in for it."""
         def finish(index, args, kwargs):
             hidden, _, _ = _split_hidden(args, kwargs)
             return final if index == self.num_layers - 1 else hidden
 
         extra = last_logits_only(self.model) if last_only else {}
+        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
         with self._stand_ins(finish), torch.inference_mode():
-            return self.model(**batch, use_cache=False, **extra).logits
+            return self.model(inputs_embeds=torch.zeros_like(final), **inputs, use_cache=False, **extra).logits
 
 
 def _checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
@@ -313,9 +327,9 @@ class _Sweep:
         self.hidden: dict[str, list[torch.Tensor]] = {}
 
     def capture(self) -> None:
-        with self.lm.materialised(OUTER):
+        with self.lm.materialised(INPUT):
             for name, context in self.variants.items():
-                with context(OUTER):
+                with context(INPUT):
                     captured = []
                     for index, batch in enumerate(self.batches):
                         self.before_prompt(index)
@@ -334,12 +348,12 @@ class _Sweep:
 
     def tails(self, *, last_only: bool):
         """Yields (prompt index, {variant: logits [B, T, V]}), one prompt at a time."""
-        with self.lm.materialised(OUTER):
+        with self.lm.materialised(FINAL):
             for p, batch in enumerate(self.batches):
                 self.before_prompt(p)
                 logits = {}
                 for name, context in self.variants.items():
-                    with context(OUTER):
+                    with context(FINAL):
                         logits[name] = self.lm.tail(batch, self.hidden[name][p], last_only=last_only)
                 yield p, logits
 

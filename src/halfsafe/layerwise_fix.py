@@ -125,14 +125,16 @@ def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report,
     scales = scale_factors(lm.model, arch, plan)
     target = work / "checkpoint"
     target.mkdir(exist_ok=True)
-    units = [OUTER, *range(lm.num_layers)]
+    # One shard per layer; outside the layers one per tensor (an embedding can take gigabytes).
+    outer = [[n] for n in lm.unit_names(OUTER)]
+    groups = outer + [lm.unit_names(i) for i in range(lm.num_layers)]
     weight_map, total = {}, 0
-    for k, unit in enumerate(units):
-        shard = target / f"model-{k + 1:05d}-of-{len(units):05d}.safetensors"
-        names = lm.unit_names(unit)
+    for k, names in enumerate(groups):
+        shard = target / f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         keys = [lm.tensor_key(n) for n in names]
         if not shard.exists():  # a resumed run keeps the shards already written
-            tensors = {key: scaled_tensor(name, lm.load(name), scales.get(name), dtype).cpu().contiguous()
+            # Read as stored: the arithmetic is float64 in slices, so no fp32 copy is needed.
+            tensors = {key: scaled_tensor(name, lm.load(name, dtype=None), scales.get(name), dtype).cpu().contiguous()
                        for name, key in zip(names, keys)}
             temporary = shard.with_name(shard.name + ".tmp")
             save_file(tensors, str(temporary), metadata={"format": "pt"})
@@ -142,7 +144,7 @@ def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report,
             weight_map[key] = shard.name
             shape = lm.model.get_parameter(name).shape
             total += torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
-        if progress is not None:
+        if progress is not None and k >= len(outer) - 1:  # once outside the layers, then once per layer
             progress()
     (target / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
