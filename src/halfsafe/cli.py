@@ -295,7 +295,7 @@ def run_compare(args) -> int:
     from .comparing import parse_variants
     from .prompts import HELDOUT, bundled_prompts, read_prompts
     from .reporting import check_output_path, plot_comparison, render_comparison, write_json
-    from .session import compare_with_progress, load_for_cli, make_console
+    from .session import compare_with_progress, make_console
 
     names = parse_variants(args.variants)
     texts = read_prompts(args.texts) if args.texts else bundled_prompts(HELDOUT)

@@ -27,7 +27,7 @@ under `sanitize`); a step it found finite skips the sanitizer's work.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -327,7 +327,7 @@ class GuardedGenerator:
         positions = (row_mask.long().cumsum(-1) - 1).masked_fill(row_mask == 0, 0)  # as generate makes them
         self._busy = True
         try:
-            with torch.inference_mode(), (compute_in(self.model, dtype) if dtype else _nothing()):
+            with torch.inference_mode(), (compute_in(self.model, dtype) if dtype else nullcontext()):
                 return self.model(input_ids=ids, attention_mask=row_mask, position_ids=positions,
                                   use_cache=use_cache, **last_logits_only(self.model))
         finally:
@@ -383,11 +383,6 @@ def guard(model: nn.Module, **options) -> GuardedGenerator:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _as_list(value) -> list[int]:

@@ -27,20 +27,18 @@ output directory appears only at the end, by a rename.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
-import shutil
-import time
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
-from .dtypes import dtype_name
 from .errors import HalfsafeError
 from .observing import ActivationRecorder, SiteStat, find_decoder_layers, last_logits_only
 
@@ -132,7 +130,7 @@ class LayerwiseModel:
         for buffer in self.model.buffers():
             buffer.data = buffer.data.to(self.device)
         self.layers_path, self.layers = find_decoder_layers(self.model)
-        self._slots: dict[str, list[_Slot]] = {}  # canonical name (in the checkpoint) -> every place it sits
+        self._slots: dict[str, list[_Slot]] = {}  # parameter name -> every place its tensor sits (ties)
         by_id: dict[int, list[tuple[str, _Slot]]] = {}
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             for leaf, param in module._parameters.items():
@@ -193,7 +191,7 @@ class LayerwiseModel:
         names = self.unit_names(unit)
         try:
             for name in names:
-                param = nn.Parameter(self.checkpoint.load(self._keys[name], device=self.device), requires_grad=False)
+                param = nn.Parameter(self.load(name), requires_grad=False)
                 for slot in self._slots[name]:
                     slot.module._parameters[slot.leaf] = param
             yield
@@ -204,6 +202,7 @@ class LayerwiseModel:
                 meta = nn.Parameter(torch.empty(current.shape, dtype=current.dtype, device="meta"), requires_grad=False)
                 for slot in slots:
                     slot.module._parameters[slot.leaf] = meta
+            release_memory(self.device)
 
     # -- running -------------------------------------------------------------------------------
     @contextmanager
@@ -258,6 +257,26 @@ class LayerwiseModel:
         inputs = {k: v for k, v in batch.items() if k != "input_ids"}
         with self._stand_ins(finish), torch.inference_mode():
             return self.model(inputs_embeds=torch.zeros_like(final), **inputs, use_cache=False, **extra).logits
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand freed weights back to the system. A unit's tensors are freed, but glibc serves
+    tensors below its (self-raising) mmap threshold from heaps that the next unit's activations
+    fragment, so the process kept growing by about a layer a layer (measured: 1.9 GB peak over
+    6 Qwen3-1.7B-shaped layers, 1.15 GB with this). `malloc_trim` returns the free pages."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
 
 
 def _checkpoint_keys(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:

@@ -20,7 +20,9 @@ import torch
 from . import __version__
 from .dtypes import dtype_name, format_bytes, parse_dtype
 from .errors import HalfsafeError
-from .layerwise import OUTER, LayerwiseModel, confirm_layerwise, observe_layerwise, verify_layerwise
+from .layerwise import (
+    OUTER, LayerwiseModel, confirm_layerwise, observe_layerwise, release_memory, verify_layerwise,
+)
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -140,6 +142,7 @@ def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report,
             save_file(tensors, str(temporary), metadata={"format": "pt"})
             os.replace(temporary, shard)
             del tensors
+            release_memory(lm.device)
         for name, key in zip(names, keys):
             weight_map[key] = shard.name
             shape = lm.model.get_parameter(name).shape
