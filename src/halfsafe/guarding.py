@@ -74,7 +74,8 @@ class GuardReport:
     steps: int = 0
     events: list[GuardEvent] = field(default_factory=list)
     seconds: float = 0.0  # the whole generate call
-    overhead_seconds: float = 0.0  # host time in the guard's code (its one check waits for the step)
+    overhead_seconds: float = 0.0  # host time in the guard's hook, processor and criteria (on a GPU
+    # the one check also waits there for the step's kernels, so this is an upper bound)
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -143,8 +144,16 @@ class SanitizeLogits(LogitsProcessor):
         self.stop_token = stop_token
         self.flags: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.verified = False  # set by the guard for one step: its check saw finite logits
+        self.seconds = 0.0  # host time spent here
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        started = time.perf_counter()
+        try:
+            return self._sanitize(scores)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _sanitize(self, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.verified:
             self.verified = False
             self.flags.append(None)
@@ -186,8 +195,16 @@ class DegenerationMonitor(StoppingCriteria):
         self.finished: torch.Tensor | None = None
         self.codes: list[torch.Tensor] = []  # per step: [B] int8, 0 = fine
         self.sequence: torch.LongTensor | None = None  # the latest full sequence
+        self.seconds = 0.0  # host time spent here
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        started = time.perf_counter()
+        try:
+            return self._judge(input_ids)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _judge(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         self.sequence = input_ids
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1] - 1
@@ -272,7 +289,7 @@ class GuardedGenerator:
                              seconds=time.perf_counter() - started, advice=advice)
         report.events = self._events + _flag_events(sanitizer, monitor)
         report.events.sort(key=lambda e: (e.step, e.row))
-        report.overhead_seconds = self._overhead
+        report.overhead_seconds = self._overhead + sanitizer.seconds + monitor.seconds
         self.report = report
         self.counters.add(report)
         return output
