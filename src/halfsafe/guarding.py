@@ -26,6 +26,7 @@ under `sanitize`); a step it found finite skips the sanitizer's work.
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -130,6 +131,19 @@ class GuardCounters:
 # -- the processor -------------------------------------------------------------------------
 
 
+def _timed(method):
+    """Adds the host time of each call to `self.seconds` (the guard reports its own cost)."""
+    @functools.wraps(method)
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    return timed
+
+
 class SanitizeLogits(LogitsProcessor):
     """NaN -> -inf, +inf -> float16's maximum, broken rows renormalised; a row with nothing
     usable (all NaN or -inf) puts all its mass on `stop_token` (and the monitor stops it).
@@ -146,14 +160,8 @@ class SanitizeLogits(LogitsProcessor):
         self.verified = False  # set by the guard for one step: its check saw finite logits
         self.seconds = 0.0  # host time spent here
 
+    @_timed
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        started = time.perf_counter()
-        try:
-            return self._sanitize(scores)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    def _sanitize(self, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.verified:
             self.verified = False
             self.flags.append(None)
@@ -197,14 +205,8 @@ class DegenerationMonitor(StoppingCriteria):
         self.sequence: torch.LongTensor | None = None  # the latest full sequence
         self.seconds = 0.0  # host time spent here
 
+    @_timed
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        started = time.perf_counter()
-        try:
-            return self._judge(input_ids)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    def _judge(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         self.sequence = input_ids
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1] - 1
