@@ -123,3 +123,28 @@ def test_temperature_zero_becomes_greedy_and_other_kwargs_are_kept():
     assert advice == ["temperature=0 with sampling is greedy decoding; decoding greedily"]
     same, none = normalise_generation_kwargs({"do_sample": True, "temperature": 0.7})
     assert same == {"do_sample": True, "temperature": 0.7} and none == []
+
+
+def test_auto_on_an_fp16_only_gpu_fixes_once_and_casts_a_fixed_checkpoint(tiny_dirs, tmp_path, monkeypatch):
+    """`--dtype auto` below compute capability 8.0: fix in memory, unless the checkpoint is fixed."""
+    from rich.console import Console
+
+    import halfsafe.advising
+    from halfsafe.advising import DtypeChoice
+    from halfsafe.exporting import export_checkpoint
+    from halfsafe.session import load_for_generation
+
+    monkeypatch.setattr(halfsafe.advising, "choose_dtype",
+                        lambda device: DtypeChoice(torch.float16, True, "float16 with halfsafe's fix on a T4"))
+    console = Console(file=io.StringIO())
+    loaded, notes = load_for_generation(str(tiny_dirs["llama", "residual"]), console, dtype="auto", device="cpu")
+    assert next(loaded.model.parameters()).dtype == torch.float16 and loaded.model.config.halfsafe
+    assert notes == ["dtype auto: float16 with halfsafe's fix on a T4"]
+
+    export_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "fixed")
+    again, notes = load_for_generation(str(tmp_path / "fixed"), console, dtype="auto", device="cpu")
+    assert next(again.model.parameters()).dtype == torch.float16
+    assert notes[-1] == "the checkpoint is already fixed by halfsafe"
+    ids = again.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.isfinite(again.model(input_ids=ids).logits).all()

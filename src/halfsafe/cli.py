@@ -271,8 +271,13 @@ def run_fix(args) -> int:
     if args.layerwise:
         from .session import fix_layerwise_with_progress
 
-        report = fix_layerwise_with_progress(args, console, dtype=dtype, calibration=calibration, heldout=heldout,
-                                             max_memory=max_memory)
+        try:
+            report = fix_layerwise_with_progress(args, console, dtype=dtype, calibration=calibration,
+                                                 heldout=heldout, max_memory=max_memory)
+        except KeyboardInterrupt:
+            print("halfsafe: interrupted; nothing is at --out yet; rerun the same command to continue from the "
+                  "last completed layer", file=sys.stderr)
+            return 130
         render_fix(report, console)
         console.print(f"fixed checkpoint written to {Path(args.out).expanduser().resolve()}", highlight=False)
         if plan_path:

@@ -187,7 +187,7 @@ class DegenerationMonitor(StoppingCriteria):
     - `repeat`: the last `run` new tokens are one token;
     - `loop`: the last max(`run`, 3p) new tokens repeat with a period p of 2..8.
     Rows that ended (an end-of-sequence token) are not judged. With `stop`, a flagged row is
-    finished; rows in `self.stop_rows` (set by the sanitizer's verdicts) are finished too.
+    finished; a row the sanitizer found with no usable logit is finished too.
 
     Returns [B] bools without a host synchronisation; flags stay on the device in `self.codes`.
     """
@@ -197,6 +197,7 @@ class DegenerationMonitor(StoppingCriteria):
         if run < 2:
             raise HalfsafeError(f"degeneration run {run} must be at least 2 tokens")
         self.eos_ids = eos_ids
+        self._eos: torch.Tensor | None = None  # on the device, made once
         self.run, self.flood, self.stop = run, flood, stop
         self.sanitizer = sanitizer
         self.prompt_length: int | None = None
@@ -211,6 +212,7 @@ class DegenerationMonitor(StoppingCriteria):
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1] - 1
             self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self._eos = torch.tensor(self.eos_ids, dtype=input_ids.dtype, device=input_ids.device)
         new = input_ids[:, self.prompt_length:]  # [B, n]
         n = new.shape[1]
         code = torch.zeros(input_ids.shape[0], dtype=torch.int8, device=input_ids.device)
@@ -227,7 +229,7 @@ class DegenerationMonitor(StoppingCriteria):
         if self.sanitizer is not None and self.sanitizer.flags and self.sanitizer.flags[-1] is not None:
             done = done | (self.sanitizer.flags[-1][1] & ~self.finished)
         if self.eos_ids:
-            self.finished = self.finished | torch.isin(new[:, -1], torch.tensor(self.eos_ids, device=new.device))
+            self.finished = self.finished | torch.isin(new[:, -1], self._eos)
         return done | self.finished
 
 
@@ -358,12 +360,8 @@ class GuardedGenerator:
 
         if any(e.module for e in self._events):  # once per generation: it costs a forward
             return next(e.module for e in self._events if e.module)
-        self._busy = True
-        try:
-            with FiniteWatch(self.model) as watch:
-                self._rerun(sequence, mask, rows)
-        finally:
-            self._busy = False
+        with FiniteWatch(self.model) as watch:
+            self._rerun(sequence, mask, rows)
         return watch.first_nonfinite()
 
     def _recover(self, step: int, rows: list[int], sequence, mask, output, module: str | None):

@@ -333,7 +333,6 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
 # -- sweeps: every prompt through every layer, for one or more variants --------------------------
 
 # A variant maps a unit to the context its runs happen in (other weights, another dtype).
-UnitContext = "Callable[[int | None], AbstractContextManager]"
 
 
 class _Sweep:

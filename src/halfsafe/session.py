@@ -52,18 +52,22 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_for_cli(model: str, console: Console, *, device: str = "auto", device_map: str | None = None,
-                 **kwargs) -> LoadedModel:
-    """MODEL in fp32, on `device`, or spread by an accelerate `device_map`."""
+def load_for_cli(model: str, console: Console, *, dtype: torch.dtype = torch.float32, device: str = "auto",
+                 device_map: str | None = None, **kwargs) -> LoadedModel:
+    """MODEL in `dtype` (fp32 unless told), on `device`, or spread by an accelerate `device_map`."""
     target = resolve_device(device)
     quiet_transformers()
-    if model == DEMO and not is_demo_cached():
-        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
+    announce_demo_build(model, console)
     with console.status(f"loading {model} ..."):
-        loaded = load_model(model, dtype=torch.float32, device_map=device_map, **kwargs)
+        loaded = load_model(model, dtype=dtype, device_map=device_map, **kwargs)
         if device_map is None:
             loaded.model.to(target)
     return loaded
+
+
+def announce_demo_build(model: str, console: Console) -> None:
+    if model == DEMO and not is_demo_cached():
+        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
 
 
 def load_for_generation(model: str, console: Console, *, dtype: str, device: str = "auto",
@@ -77,24 +81,19 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
     from .advising import choose_dtype
     from .dtypes import parse_dtype
 
-    target = resolve_device(device)
     notes = []
     if dtype.strip().lower() == "auto":
-        choice = choose_dtype(target)
+        choice = choose_dtype(resolve_device(device))
         wanted, fix = choice.dtype, choice.fix
         notes.append(f"dtype auto: {choice.reason}")
     else:
         wanted, fix = parse_dtype(dtype), False
-    quiet_transformers()
-    if model == DEMO and not is_demo_cached():
-        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
-    with console.status(f"loading {model} ..."):
-        loaded = load_model(model, dtype=torch.float32 if fix else wanted, device_map=device_map, **kwargs)
-        if fix and getattr(loaded.model.config, "halfsafe", None):
-            fix = False  # an exported halfsafe checkpoint: already fixed
-            notes.append("the checkpoint is already fixed by halfsafe")
-        if device_map is None:
-            loaded.model.to(target)
+    loaded = load_for_cli(model, console, dtype=torch.float32 if fix else wanted, device=device,
+                          device_map=device_map, **kwargs)
+    if fix and getattr(loaded.model.config, "halfsafe", None):
+        fix = False  # an exported halfsafe checkpoint: already fixed, so only cast
+        loaded.model.to(wanted)
+        notes.append("the checkpoint is already fixed by halfsafe")
     if fix:
         from .fixing import fix as fix_model
 
@@ -149,8 +148,7 @@ def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
 
     target = resolve_device(args.device)
     quiet_transformers()
-    if args.model == DEMO and not is_demo_cached():
-        console.print("building the demo model once: assembling and dequantising the GGUF (about 90 s)...")
+    announce_demo_build(args.model, console)
     path = resolve_checkpoint_dir(args.model, allow_pickle=False)
     lm = open_layerwise(path, device=target, max_memory=max_memory, trust_remote_code=args.trust_remote_code,
                         attn_implementation=args.attn_implementation)
