@@ -1,5 +1,7 @@
 """Guarded generation on tiny real-config models: fault injection, planted overflow, policies."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,13 +35,16 @@ def _batch(prompts, device="cpu"):
 
 class Fault:
     """A forward hook that writes NaN into one layer's output, for some rows, on its k-th call only
-    (call 0 is the prompt's forward). The guard's own re-runs are later calls: they see no fault."""
+    (call 0 is the prompt's forward). The guard's own re-runs are later calls: they see no fault.
+    With `thread`, only that thread's forwards are counted and faulted."""
 
-    def __init__(self, model, step: int, rows=None, layer: int = 2):
-        self.step, self.rows, self.calls = step, rows, 0
+    def __init__(self, model, step: int, rows=None, layer: int = 2, thread: int | None = None):
+        self.step, self.rows, self.calls, self.thread = step, rows, 0, thread
         self.handle = find_decoder_layers(model)[1][layer].register_forward_hook(self)
 
     def __call__(self, module, args, output):
+        if self.thread is not None and threading.get_ident() != self.thread:
+            return None
         call, self.calls = self.calls, self.calls + 1
         if call != self.step:
             return None
@@ -81,6 +86,51 @@ def test_batch_of_four_only_the_broken_row_is_recovered_others_untouched(healthy
     assert torch.equal(out, clean)
     assert {(e.step, e.row, e.kind) for e in guarded.report.events if e.kind in (NONFINITE, RECOVERED)} == {
         (3, 2, NONFINITE), (3, 2, RECOVERED)}
+
+
+def test_two_threads_through_one_guard_get_separate_correct_reports(healthy):
+    """One thread's row faults at step 3, the other's never: each report holds its own steps and
+    events, each output is its prompt's clean one, and the fp32 recovery in one thread (which
+    swaps weights module by module) never leaks into the other's forwards."""
+    prompts = {"faulted": SHORT_PROMPTS[:1], "healthy": SHORT_PROMPTS[2:3]}
+    new = {"faulted": NEW, "healthy": 2 * NEW}
+    clean = {k: healthy.generate(**_batch(p), max_new_tokens=new[k], min_new_tokens=new[k], **GREEDY)
+             for k, p in prompts.items()}
+    guarded = guard(healthy)
+    start = threading.Barrier(2)
+    results, errors = {}, []
+
+    def work(kind: str) -> None:
+        try:
+            batch = _batch(prompts[kind])
+            start.wait()
+            if kind == "faulted":
+                with Fault(healthy, step=3, thread=threading.get_ident()):
+                    out, report = guarded.generate_with_report(**batch, max_new_tokens=new[kind],
+                                                               min_new_tokens=new[kind], **GREEDY)
+            else:
+                out, report = guarded.generate_with_report(**batch, max_new_tokens=new[kind],
+                                                           min_new_tokens=new[kind], **GREEDY)
+            results[kind] = out, report, guarded.report
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(kind,)) for kind in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for kind in prompts:
+        out, report, own = results[kind]
+        assert own is report  # `report` is the calling thread's
+        assert torch.equal(out, clean[kind]), kind
+        assert report.steps == new[kind], kind
+    faulted, healthy_report = results["faulted"][1], results["healthy"][1]
+    assert {(e.step, e.row, e.kind) for e in faulted.events} == {(3, 0, NONFINITE), (3, 0, RECOVERED)}
+    assert not healthy_report.of_kind(NONFINITE, RECOVERED)  # (the tiny random model may repeat itself)
+    assert guarded.counters.generations == 2 and guarded.counters.steps == 3 * NEW
+    assert guarded.counters.recovered_rows == 1
 
 
 def test_planted_overflow_in_float16_recovers_to_the_fp32_greedy_tokens(tiny_dirs):

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import __version__
 from .dtypes import dtype_max, dtype_name
+from .hooks import HookSet
 from .observing import (
     ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat, encode, find_decoder_layers, last_logits_only, observe,
 )
@@ -248,21 +249,19 @@ class FiniteWatch:
             if n and (id(m) in wanted or not any(True for _ in m.children()))
         ]
         self.calls: list[tuple[str, torch.Tensor]] = []
-        self.handles = []
+        self.hooks = HookSet()
 
-    def __enter__(self) -> "FiniteWatch":
+    def __enter__(self) -> FiniteWatch:
         try:
             for name, module in self.modules:
-                self.handles.append(module.register_forward_hook(self._hook(name)))
+                self.hooks.forward(module, self._hook(name))
         except BaseException:
-            self.__exit__()
+            self.hooks.remove()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.hooks.remove()
 
     def _hook(self, name: str):
         def hook(module, args, output):

@@ -27,8 +27,9 @@ under `sanitize`); a step it found finite skips the sanitizer's work.
 from __future__ import annotations
 
 import functools
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -37,6 +38,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from .dtypes import dtype_name
 from .errors import HalfsafeError
+from .hooks import HookSet
 
 POLICIES = ("recover", "sanitize", "raise")
 INF_LOGIT = float(torch.finfo(torch.float16).max)  # what +inf becomes: certain, yet no warper overflows it
@@ -236,6 +238,58 @@ class DegenerationMonitor(StoppingCriteria):
 # -- the guard -----------------------------------------------------------------------------
 
 
+class _Call:
+    """One `generate` call's state, made by the call and handed to its hooks: two calls through
+    one guard, in two threads, never see each other's steps or events."""
+
+    def __init__(self, sanitizer: SanitizeLogits, monitor: DegenerationMonitor):
+        self.thread = threading.get_ident()  # the forwards this call runs are made in this thread
+        self.sanitizer, self.monitor = sanitizer, monitor
+        self.step = 0
+        self.events: list[GuardEvent] = []
+        self.overhead = 0.0
+        self.busy = False  # inside the guard's own forwards (re-runs)
+        self.sharing = False  # holds the gate's shared side for the forward in flight
+
+    def owns(self, forward_thread: int) -> bool:
+        return forward_thread == self.thread and not self.busy
+
+
+class _Gate:
+    """Concurrent calls' forwards share the model; an fp32 recovery, which swaps weights module by
+    module (`compute_in`), waits for the forwards in flight and runs alone. Writers go first."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._sharing = 0
+        self._writing = False
+        self._waiting = 0
+
+    def enter_shared(self) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._writing and not self._waiting)
+            self._sharing += 1
+
+    def leave_shared(self) -> None:
+        with self._condition:
+            self._sharing -= 1
+            self._condition.notify_all()
+
+    @contextmanager
+    def alone(self):
+        with self._condition:
+            self._waiting += 1
+            self._condition.wait_for(lambda: not self._writing and not self._sharing)
+            self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
 class GuardedGenerator:
     """`generate` that never crashes on non-finite logits and never emits their garbage.
 
@@ -244,7 +298,9 @@ class GuardedGenerator:
     >>> guarded.report.recovered_steps, guarded.counters.as_dict()
 
     Any `generate` keyword works as it does on the model; a caller's own `logits_processor`
-    and `stopping_criteria` lists are kept, the guard's are appended.
+    and `stopping_criteria` lists are kept, the guard's appended. One guard may serve several
+    threads at once: each call keeps its state to itself, `report` is the calling thread's last
+    report, and `generate_with_report` returns the report with the output.
     """
 
     def __init__(self, model: nn.Module, *, on_nonfinite: str = "recover", stop_on_degeneration: bool = False,
@@ -257,15 +313,22 @@ class GuardedGenerator:
         self.run, self.flood = run, flood
         self.locate = locate
         self.counters = GuardCounters()
-        self.report: GuardReport | None = None
-        self._step = 0
-        self._monitor: DegenerationMonitor | None = None
-        self._sanitizer: SanitizeLogits | None = None
-        self._events: list[GuardEvent] = []
-        self._overhead = 0.0
-        self._busy = False  # inside the guard's own forwards
+        self._counters_lock = threading.Lock()
+        self._gate = _Gate()
+        self._reports = threading.local()
+        self._latest: GuardReport | None = None
+
+    @property
+    def report(self) -> GuardReport | None:
+        """The calling thread's last report; from a thread that has generated nothing here, the
+        last report any thread finished."""
+        return getattr(self._reports, "last", None) or self._latest
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        return self.generate_with_report(inputs, **kwargs)[0]
+
+    def generate_with_report(self, inputs: torch.Tensor | None = None, **kwargs) -> tuple[object, GuardReport]:
+        """`generate`, returning `(output, report)`."""
         from .advising import normalise_generation_kwargs
 
         kwargs, advice = normalise_generation_kwargs(kwargs)
@@ -281,29 +344,40 @@ class GuardedGenerator:
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         criteria.append(monitor)
 
-        self._step, self._monitor, self._sanitizer, self._events, self._overhead = 0, monitor, sanitizer, [], 0.0
+        call = _Call(sanitizer, monitor)
         started = time.perf_counter()
-        handle = self.model.register_forward_hook(self._after_forward, with_kwargs=True)
-        try:
+        with HookSet() as hooks:
+            hooks.pre_forward(self.model, functools.partial(self._before_forward, call))
+            # always_call: the gate is left even when the forward raises.
+            hooks.forward(self.model, functools.partial(self._after_forward, call), with_kwargs=True,
+                          always_call=True)
             output = self.model.generate(inputs, logits_processor=processors, stopping_criteria=criteria, **kwargs)
-        finally:
-            handle.remove()
-            self._monitor = None
-        report = GuardReport(self.policy, dtype_name(next(self.model.parameters()).dtype), steps=self._step,
+        report = GuardReport(self.policy, dtype_name(next(self.model.parameters()).dtype), steps=call.step,
                              seconds=time.perf_counter() - started, advice=advice)
-        report.events = self._events + _flag_events(sanitizer, monitor)
+        report.events = call.events + _flag_events(sanitizer, monitor)
         report.events.sort(key=lambda e: (e.step, e.row))
-        report.overhead_seconds = self._overhead + sanitizer.seconds + monitor.seconds
-        self.report = report
-        self.counters.add(report)
-        return output
+        report.overhead_seconds = call.overhead + sanitizer.seconds + monitor.seconds
+        self._reports.last = self._latest = report
+        with self._counters_lock:
+            self.counters.add(report)
+        return output, report
 
     # -- the per-step check -----------------------------------------------------------------
-    def _after_forward(self, model, args, kwargs, output):
-        if self._busy:
+    def _before_forward(self, call: _Call, model, args):
+        if call.owns(threading.get_ident()):
+            self._gate.enter_shared()
+            call.sharing = True
+
+    def _after_forward(self, call: _Call, model, args, kwargs, output):
+        if not call.owns(threading.get_ident()):
+            return None  # another thread's forward, or the guard's own re-run
+        if call.sharing:
+            call.sharing = False
+            self._gate.leave_shared()
+        if output is None:  # the forward raised; its error propagates
             return None
         started = time.perf_counter()
-        step, self._step = self._step, self._step + 1
+        step, call.step = call.step, call.step + 1
         try:
             logits = output.logits  # [B, T, V]
             if self.policy == "sanitize":
@@ -311,33 +385,37 @@ class GuardedGenerator:
             # One reduction: a sum is non-finite iff the row holds NaN or inf (|logit| < 1e30).
             broken = ~torch.isfinite(logits[:, -1].sum(dim=-1, dtype=torch.float32))  # [B]
             if not bool(broken.any()):  # the one host synchronisation per step
-                self._sanitizer.verified = True
+                call.sanitizer.verified = True
                 return None
-            rows = broken.nonzero()[:, 0].tolist()
-            sequence = self._sequence(step, kwargs)
-            mask = kwargs.get("attention_mask")
-            module = self._first_nonfinite(sequence, mask, rows) if self.locate and sequence is not None else None
-            for row in rows:
-                self._events.append(GuardEvent(step, row, NONFINITE, module))
-            if self.policy == "raise":
-                raise NonFiniteLogits(
-                    f"step {step}: the logits of row {rows[0]} are non-finite in "
-                    f"{dtype_name(logits.dtype)} (first non-finite module: {module or 'unknown'}); the model "
-                    "overflows this dtype: run 'halfsafe fix MODEL', or recover such steps in float32 with "
-                    "--on-nonfinite recover (on_nonfinite='recover')"
-                )
-            return self._recover(step, rows, sequence, mask, output, module)
+            with self._gate.alone():  # the re-runs below swap weights; no other forward may run
+                return self._handle_nonfinite(call, step, broken, kwargs, output)
         finally:
-            self._overhead += time.perf_counter() - started
+            call.overhead += time.perf_counter() - started
 
-    def _sequence(self, step: int, kwargs) -> torch.LongTensor | None:
+    def _handle_nonfinite(self, call: _Call, step: int, broken: torch.Tensor, kwargs, output):
+        rows = broken.nonzero()[:, 0].tolist()
+        sequence = self._sequence(call, step, kwargs)
+        mask = kwargs.get("attention_mask")
+        module = self._first_nonfinite(call, sequence, mask, rows) if self.locate and sequence is not None else None
+        for row in rows:
+            call.events.append(GuardEvent(step, row, NONFINITE, module))
+        if self.policy == "raise":
+            raise NonFiniteLogits(
+                f"step {step}: the logits of row {rows[0]} are non-finite in "
+                f"{dtype_name(output.logits.dtype)} (first non-finite module: {module or 'unknown'}); the model "
+                "overflows this dtype: run 'halfsafe fix MODEL', or recover such steps in float32 with "
+                "--on-nonfinite recover (on_nonfinite='recover')"
+            )
+        return self._recover(call, step, rows, sequence, mask, output, module)
+
+    def _sequence(self, call: _Call, step: int, kwargs) -> torch.LongTensor | None:
         """[B, L]: the whole sequence this forward ends, prompt included. The prompt's forward
         sees all of it; a later one sees its last token only, and the monitor holds the rest."""
         if step == 0 or kwargs.get("input_ids") is None:
             return kwargs.get("input_ids")
-        return self._monitor.sequence if self._monitor is not None else None
+        return call.monitor.sequence
 
-    def _rerun(self, sequence, mask, rows, dtype=None, use_cache=False):
+    def _rerun(self, call: _Call, sequence, mask, rows, dtype=None, use_cache=False):
         """Run `rows` of the whole sequence again, without a cache, optionally computing in `dtype`."""
         from .observing import last_logits_only
         from .precision import compute_in
@@ -346,33 +424,33 @@ class GuardedGenerator:
         ids = sequence.index_select(0, index)
         row_mask = mask.index_select(0, index) if mask is not None else torch.ones_like(ids)
         positions = (row_mask.long().cumsum(-1) - 1).masked_fill(row_mask == 0, 0)  # as generate makes them
-        self._busy = True
+        call.busy = True
         try:
             with torch.inference_mode(), (compute_in(self.model, dtype) if dtype else nullcontext()):
                 return self.model(input_ids=ids, attention_mask=row_mask, position_ids=positions,
                                   use_cache=use_cache, **last_logits_only(self.model))
         finally:
-            self._busy = False
+            call.busy = False
 
-    def _first_nonfinite(self, sequence, mask, rows) -> str | None:
+    def _first_nonfinite(self, call: _Call, sequence, mask, rows) -> str | None:
         """Re-run the broken rows in the model's dtype, watching every module, to name the culprit."""
         from .diagnosing import FiniteWatch
 
-        if any(e.module for e in self._events):  # once per generation: it costs a forward
-            return next(e.module for e in self._events if e.module)
+        if any(e.module for e in call.events):  # once per generation: it costs a forward
+            return next(e.module for e in call.events if e.module)
         with FiniteWatch(self.model) as watch:
-            self._rerun(sequence, mask, rows)
+            self._rerun(call, sequence, mask, rows)
         return watch.first_nonfinite()
 
-    def _recover(self, step: int, rows: list[int], sequence, mask, output, module: str | None):
+    def _recover(self, call: _Call, step: int, rows: list[int], sequence, mask, output, module: str | None):
         if sequence is None:
-            self._events.extend(GuardEvent(step, r, UNRECOVERED, module, detail="no input_ids to recompute") for r in rows)
+            call.events.extend(GuardEvent(step, r, UNRECOVERED, module, detail="no input_ids to recompute") for r in rows)
             return None
         try:
-            fresh = self._rerun(sequence, mask, rows, dtype=torch.float32, use_cache=True)
+            fresh = self._rerun(call, sequence, mask, rows, dtype=torch.float32, use_cache=True)
         except (RuntimeError, TypeError, ValueError) as exc:
             detail = f"fp32 recomputation failed: {str(exc).splitlines()[0][:200]}"
-            self._events.extend(GuardEvent(step, r, UNRECOVERED, module, detail=detail) for r in rows)
+            call.events.extend(GuardEvent(step, r, UNRECOVERED, module, detail=detail) for r in rows)
             return None
         new_logits = fresh.logits[:, -1]  # [R, V], fp32
         ok = torch.isfinite(new_logits).all(dim=-1).tolist()
@@ -386,11 +464,11 @@ class GuardedGenerator:
         for i, row in enumerate(rows):
             if ok[i]:
                 detail = "recomputed in float32" + ("" if repaired else "; KV cache not repaired")
-                self._events.append(GuardEvent(step, row, RECOVERED, module, detail=detail))
+                call.events.append(GuardEvent(step, row, RECOVERED, module, detail=detail))
             else:
-                self._events.append(GuardEvent(step, row, UNRECOVERED, module, detail="non-finite in float32 too"))
+                call.events.append(GuardEvent(step, row, UNRECOVERED, module, detail="non-finite in float32 too"))
         output.logits = logits
-        self._sanitizer.verified = all(ok)  # every broken row now holds fp32's finite logits
+        call.sanitizer.verified = all(ok)  # every broken row now holds fp32's finite logits
         return output
 
 

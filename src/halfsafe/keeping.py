@@ -23,6 +23,7 @@ from torch import nn
 
 from .dtypes import dtype_max, dtype_name, format_bytes
 from .errors import HalfsafeError
+from .hooks import HookSet
 from .observing import ATTN_LOGITS, RESIDUAL, SiteStat, find_decoder_layers
 
 
@@ -91,15 +92,13 @@ def module_after_layers(model: nn.Module) -> str:
     layers_path, layers = find_decoder_layers(model)
     last = f"{layers_path}.{len(layers) - 1}"
     order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: order.append(name))
-               for n, m in model.named_modules() if n]
-    try:
+    with HookSet() as hooks:
+        for n, m in model.named_modules():
+            if n:
+                hooks.pre_forward(m, lambda mod, args, name=n: order.append(name))
         token = model.config.get_text_config().bos_token_id or 0
         with torch.inference_mode():
             model(input_ids=torch.tensor([[token]], device=next(model.parameters()).device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     start = max(i for i, name in enumerate(order) if name == last)
     after = [n for n in order[start + 1:] if not n.startswith(last + ".")]
     if not after:
@@ -134,7 +133,7 @@ def _half_weights(model: nn.Module, plan: KeepPlan, dtype: torch.dtype) -> dict[
     }
 
 
-def _register_casts(model: nn.Module, plan: KeepPlan, dtype: torch.dtype) -> list:
+def _register_casts(model: nn.Module, plan: KeepPlan, dtype: torch.dtype, hooks: HookSet) -> HookSet:
     _, layers = find_decoder_layers(model)
 
     def upcast(module, args, kwargs):
@@ -143,18 +142,17 @@ def _register_casts(model: nn.Module, plan: KeepPlan, dtype: torch.dtype) -> lis
     def downcast_output(module, args, output):
         return _to(output, dtype) if torch.is_tensor(output) else (_to(output[0], dtype), *output[1:])
 
-    handles = []
     for index in plan.kept_layers:
-        handles.append(layers[index].register_forward_pre_hook(upcast, with_kwargs=True))
+        hooks.pre_forward(layers[index], upcast, with_kwargs=True)
         if index not in plan.fp32_out:
-            handles.append(layers[index].register_forward_hook(downcast_output))
+            hooks.forward(layers[index], downcast_output)
     if plan.final_module:
         # The stream leaves the last layer in fp32; the final norm reads it there, in fp32,
         # and hands its (small) output back in the model's dtype.
         final = model.get_submodule(plan.final_module)
-        handles.append(final.register_forward_pre_hook(upcast, with_kwargs=True))
-        handles.append(final.register_forward_hook(downcast_output))
-    return handles
+        hooks.pre_forward(final, upcast, with_kwargs=True)
+        hooks.forward(final, downcast_output)
+    return hooks
 
 
 @contextmanager
@@ -162,19 +160,22 @@ def use_keep_fp32(model: nn.Module, plan: KeepPlan, dtype: torch.dtype):
     """Run the model in `dtype` with `plan.kept_layers` in fp32; restore everything on exit."""
     from .precision import use_weights
 
-    with use_weights(model, _half_weights(model, plan, dtype)):
-        handles = _register_casts(model, plan, dtype)
-        try:
-            yield model
-        finally:
-            for handle in handles:
-                handle.remove()
+    with use_weights(model, _half_weights(model, plan, dtype)), HookSet() as hooks:
+        _register_casts(model, plan, dtype, hooks)
+        yield model
 
 
 def apply_keep_fp32(model: nn.Module, plan: KeepPlan, dtype: torch.dtype) -> nn.Module:
-    """Make it permanent: the other weights become `dtype`, the casts stay registered."""
+    """Make it permanent: the other weights become `dtype`, the casts stay registered.
+
+    The casts are owned by the model, as `model.halfsafe_hooks` (a `HookSet`):
+    `model.halfsafe_hooks.remove()` takes them off again (the weights keep their new dtypes, so
+    the kept layers then compute in fp32 on whatever they are given). Applying twice is refused.
+    """
+    if getattr(model, "halfsafe_hooks", None):
+        raise HalfsafeError("keep-fp32 is already applied to this model; call model.halfsafe_hooks.remove() first")
     params = dict(model.named_parameters())
     for name, tensor in _half_weights(model, plan, dtype).items():
         params[name].data = tensor
-    model._halfsafe_keep_fp32 = _register_casts(model, plan, dtype)  # handles, owned by the model
+    model.halfsafe_hooks = _register_casts(model, plan, dtype, HookSet())
     return model

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import inspect
 import sys
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .errors import HalfsafeError
+from .hooks import HookSet
 
 EMBEDDING, RESIDUAL, SUBLAYER, INTERIOR, ATTN_LOGITS, LOGITS = (
     "embedding", "residual", "sublayer", "interior", "attn_logits", "logits",
@@ -86,27 +86,27 @@ class ActivationRecorder:
         self.attn_implementation = model.config._attn_implementation or "eager"
         self._calls: dict[str, list] = {}  # site -> [(prompt, amax, argmax, shape)]
         self._kinds: dict[str, tuple[str, int | None]] = {}
-        self._stack: ExitStack | None = None
+        self._hooks: HookSet | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
-    def __enter__(self) -> "ActivationRecorder":
-        stack = ExitStack()
+    def __enter__(self) -> ActivationRecorder:
+        hooks = HookSet()
         try:
-            self._register_hooks(stack)
+            self._register_hooks(hooks)
             if self.attention_logits:
-                stack.enter_context(_observe_attention_logits(self.model, self))
+                _observe_attention_logits(self.model, self, hooks)
         except BaseException:
-            stack.close()
+            hooks.remove()
             raise
-        self._stack = stack
+        self._hooks = hooks
         return self
 
     def __exit__(self, *exc) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
+        hooks, self._hooks = self._hooks, None
+        if hooks is not None:
+            hooks.remove()
 
-    def _register_hooks(self, stack: ExitStack) -> None:
+    def _register_hooks(self, hooks: HookSet) -> None:
         embedding = self.model.get_input_embeddings()
         output_embedding = self.model.get_output_embeddings()
         layer_prefix = self.layers_path + "."
@@ -122,11 +122,9 @@ class ActivationRecorder:
                 kind = SUBLAYER
             else:
                 continue
-            handle = module.register_forward_hook(self._output_hook(name, kind, layer))
-            stack.callback(handle.remove)
+            hooks.forward(module, self._output_hook(name, kind, layer))
             if kind == SUBLAYER and isinstance(module, nn.Linear) and module.in_features != self.hidden_size:
-                pre = module.register_forward_pre_hook(self._input_hook(name + ":input", layer))
-                stack.callback(pre.remove)
+                hooks.pre_forward(module, self._input_hook(name + ":input", layer))
 
     # -- recording --------------------------------------------------------------------------
     def _output_hook(self, name: str, kind: str, layer: int | None):
@@ -198,24 +196,20 @@ def _locate(flat_index: int, shape: tuple, kind: str) -> tuple[int | None, int |
 # -- attention logits ---------------------------------------------------------------------
 
 
-@contextmanager
-def _observe_attention_logits(model: nn.Module, recorder: ActivationRecorder):
+def _observe_attention_logits(model: nn.Module, recorder: ActivationRecorder, hooks: HookSet) -> None:
     """Route attention through a wrapper that records max |q @ k^T| before scaling.
 
     transformers' attention modules look their kernel up by `config._attn_implementation`
     on every call, so a registered wrapper around the current kernel sees `query` and `key`
     after projections, q/k norms and RoPE, exactly as the kernel does, for any architecture.
-    The configs are restored on exit.
+    The wrapper's registry entries and the configs are restored when `hooks` is removed.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     original = model.config._attn_implementation or "eager"
     if original != "eager" and original not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        yield  # an exotic kernel without a mask convention: leave it alone
-        return
-    wrapper_name = f"halfsafe_observe_{original}"
+        return  # an exotic kernel without a mask convention: leave it alone
     names = {id(m): n for n, m in model.named_modules()}
 
     def observed_attention(module, query, key, value, attention_mask, **kwargs):
@@ -233,17 +227,12 @@ def _observe_attention_logits(model: nn.Module, recorder: ActivationRecorder):
             kernel = ALL_ATTENTION_FUNCTIONS[original]
         return kernel(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(wrapper_name, observed_attention)
-    AttentionMaskInterface.register(wrapper_name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    configs = {id(c): c for c in _configs(model)}.values()
-    saved = [(c, c._attn_implementation_internal) for c in configs]
-    try:
-        for config, _ in saved:
-            config._attn_implementation_internal = wrapper_name
-        yield
-    finally:
-        for config, value in saved:
-            config._attn_implementation_internal = value
+    wrapper_name = hooks.attention(f"halfsafe_observe_{original}", observed_attention,
+                                   ALL_MASK_ATTENTION_FUNCTIONS[original])
+    for config in {id(c): c for c in _configs(model)}.values():
+        hooks.callback(lambda config=config, value=config._attn_implementation_internal:
+                       setattr(config, "_attn_implementation_internal", value))
+        config._attn_implementation_internal = wrapper_name
 
 
 def _configs(model: nn.Module):

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .hooks import HookSet
+
 
 @contextmanager
 def use_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
@@ -65,16 +67,12 @@ def clamp_residual(model: nn.Module, bound: float = 64_504.0):
         return (output[0].clamp(-bound, bound), *output[1:])
 
     _, layers = find_decoder_layers(model)
-    handles = []
-    try:
+    with HookSet() as hooks:
         for layer in layers:
-            handles.append(layer.register_forward_hook(clamp_output))
+            hooks.forward(layer, clamp_output)
             for reader in arch.readers:
-                handles.append(layer.get_submodule(reader).register_forward_pre_hook(clamp_input))
+                hooks.pre_forward(layer.get_submodule(reader), clamp_input)
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -100,16 +98,15 @@ def compute_in(model: nn.Module, dtype: torch.dtype = torch.float32):
         for param, original in saved.pop(id(module), ()):
             param.data = original
 
-    handles = []
-    try:
-        for module in model.modules():
-            if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters(recurse=False)):
-                handles.append(module.register_forward_pre_hook(upcast))
-                handles.append(module.register_forward_hook(restore, always_call=True))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-        for entries in saved.values():  # a forward that raised before a module's hook ran
+    def restore_all():  # a forward that raised before a module's hook ran
+        for entries in saved.values():
             for param, original in entries:
                 param.data = original
+
+    with HookSet() as hooks:
+        hooks.callback(restore_all)  # runs last, after every hook is gone
+        for module in model.modules():
+            if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters(recurse=False)):
+                hooks.pre_forward(module, upcast)
+                hooks.forward(module, restore, always_call=True)
+        yield model

@@ -209,13 +209,13 @@ def _bos_input(model, module) -> torch.Tensor:
 
 
 def _at_bos(model, module, *, output: bool) -> torch.Tensor:
+    from .hooks import HookSet
+
     captured = []
-    if output:
-        handle = module.register_forward_hook(lambda m, args, out: captured.append(out))
-    else:
-        handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    try:
+    with HookSet() as hooks:
+        if output:
+            hooks.forward(module, lambda m, args, out: captured.append(out))
+        else:
+            hooks.pre_forward(module, lambda m, args: captured.append(args[0]))
         model(input_ids=torch.tensor([[BOS, 70, 71]], device=next(model.parameters()).device), use_cache=False)
-    finally:
-        handle.remove()
     return captured[0][0, 0]
