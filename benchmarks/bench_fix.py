@@ -24,6 +24,7 @@ from common import PeakRSS, machine, model_bytes  # noqa: E402
 from halfsafe.comparing import build_variants  # noqa: E402
 from halfsafe.fixing import fix  # noqa: E402
 from halfsafe.observing import encode  # noqa: E402
+from halfsafe.planning import PLANNING_MARGIN  # noqa: E402
 from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.session import quiet_transformers  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     names = ["fp32", "bf16", "fp16", "fp16-clamp", "fp16-fixed"]
     started = time.perf_counter()
-    variants = build_variants(model, tokenizer, names, calibration=bundled_prompts(), margin=4.0)
+    variants = build_variants(model, tokenizer, names, calibration=bundled_prompts(), margin=PLANNING_MARGIN)
     print(f"variants built (the fixed one: observe + plan + scaled weights): {time.perf_counter() - started:.1f} s")
     prompts = bundled_prompts(HELDOUT)
     fidelity = measure_fidelity(model, tokenizer, prompts, variants, new_tokens=32)

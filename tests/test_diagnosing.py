@@ -79,3 +79,9 @@ def test_non_decoder_model_is_a_clear_error():
     model.config.num_hidden_layers = 3  # no module list of that length
     with pytest.raises(HalfsafeError, match="cannot find the decoder layers"):
         diagnose(model, byte_tokenizer(), SHORT_PROMPTS)
+
+
+def test_a_half_precision_model_is_refused_with_a_halfsafe_error():
+    model = build_tiny_model("llama", plant=None).to(torch.float16)
+    with pytest.raises(HalfsafeError, match="diagnose observes in float32; load the model with dtype=torch.float32"):
+        diagnose(model, byte_tokenizer(), SHORT_PROMPTS[:1])

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from halfsafe.errors import HalfsafeError
 from halfsafe.observing import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, SUBLAYER, SiteStat
 from halfsafe.planning import Plan, make_plan, power_of_two_scale
 from halfsafe.registry import ARCHITECTURES
@@ -88,5 +89,10 @@ def test_plan_round_trips_through_json():
 
 
 def test_margin_below_one_is_refused():
-    with pytest.raises(ValueError, match="margin 0.5 must be at least 1"):
+    with pytest.raises(HalfsafeError, match="margin 0.5 must be at least 1"):
         make_plan(observation(), LLAMA, 2, dtype=torch.float16, margin=0.5)
+
+
+def test_a_non_finite_observation_is_a_halfsafe_error():
+    with pytest.raises(HalfsafeError, match=r"cannot scale a non-finite observation \(inf\)"):
+        make_plan(observation(residual=float("inf")), LLAMA, 2, dtype=torch.float16)

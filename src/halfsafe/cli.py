@@ -13,9 +13,9 @@ from pathlib import Path
 
 from . import __version__
 from .comparing import DEFAULT_VARIANTS
-from .diagnosing import DEFAULT_MARGIN as DIAGNOSE_MARGIN
+from .diagnosing import AT_RISK_MARGIN as DIAGNOSE_MARGIN
 from .errors import HalfsafeError
-from .planning import DEFAULT_MARGIN as FIX_MARGIN
+from .planning import PLANNING_MARGIN as FIX_MARGIN
 
 EXIT_UNSAFE = 3
 

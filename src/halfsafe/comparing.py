@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import HalfsafeError
+from .planning import PLANNING_MARGIN
 from .verifying import Fidelity
 
 DEFAULT_VARIANTS = ("fp32", "bf16", "fp16", "fp16-fixed")
@@ -106,7 +107,7 @@ def compare(
     names: list[str] | tuple[str, ...] = DEFAULT_VARIANTS,
     *,
     calibration: list[str] | None = None,
-    margin: float = 4.0,
+    margin: float = PLANNING_MARGIN,
     new_tokens: int = 32,
     speed: bool = True,
     progress=None,

@@ -13,7 +13,7 @@ from .guarding import NONFINITE, GuardedGenerator
 from .loading import DEMO, cache_root
 from .precision import cast_temporarily
 from .prompts import bundled_prompts
-from .diagnosing import DEFAULT_MARGIN, greedy_continuation
+from .diagnosing import AT_RISK_MARGIN, greedy_continuation
 from .reporting import check_output_path, plot_diagnosis, render_diagnosis, render_fix
 from .session import diagnose_with_progress, fix_with_progress, load_for_cli, make_console
 
@@ -59,7 +59,7 @@ def run_demo(*, plot: str | None = None, device: str = "auto") -> int:
         )
 
     console.print(Rule("diagnosis"))
-    diagnosis = diagnose_with_progress(loaded, bundled_prompts(), torch.float16, DEFAULT_MARGIN, console)
+    diagnosis = diagnose_with_progress(loaded, bundled_prompts(), torch.float16, AT_RISK_MARGIN, console)
     render_diagnosis(diagnosis, console)
     if plot_path is None:
         plot_path = cache_root() / "reports" / "demo-diagnosis.png"

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import __version__
 from .dtypes import dtype_max, dtype_name
+from .errors import HalfsafeError
 from .hooks import HookSet
 from .observing import (
     ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat, encode, find_decoder_layers, last_logits_only, observe,
@@ -25,7 +26,8 @@ from .observing import (
 from .precision import cast_temporarily
 
 SCHEMA_VERSION = 1
-DEFAULT_MARGIN = 2.0
+# diagnose: a site whose headroom is below this factor is `at-risk` (a warning, not a change).
+AT_RISK_MARGIN = 2.0
 CONTINUATION_TOKENS = 12
 
 
@@ -124,7 +126,7 @@ def diagnose(
     *,
     dtype: torch.dtype = torch.float16,
     also: tuple[torch.dtype, ...] = (torch.bfloat16,),
-    margin: float = DEFAULT_MARGIN,
+    margin: float = AT_RISK_MARGIN,
     name: str | None = None,
     progress=None,
 ) -> Diagnosis:
@@ -133,7 +135,7 @@ def diagnose(
     `progress`, if given, is called once per forward pass (for a progress bar).
     """
     if next(model.parameters()).dtype != torch.float32:
-        raise ValueError("diagnose observes in float32; load the model with dtype=torch.float32")
+        raise HalfsafeError("diagnose observes in float32; load the model with dtype=torch.float32")
     recorder = observe(model, tokenizer, prompts, progress=progress)
     reference = greedy_continuation(model, tokenizer, prompts[0])
     confirmations = {target: confirm(model, tokenizer, prompts, target, progress=progress)

@@ -18,7 +18,7 @@ from .dtypes import dtype_name, parse_dtype
 from .errors import HalfsafeError
 from .keeping import KeepPlan, apply_keep_fp32, plan_keep_fp32, use_keep_fp32
 from .observing import SiteStat, encode, find_decoder_layers, observe
-from .planning import DEFAULT_MARGIN, Plan, make_plan
+from .planning import PLANNING_MARGIN, Plan, make_plan
 from .precision import cast_temporarily
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 from .registry import architecture_of
@@ -71,7 +71,7 @@ def fix(
     *,
     dtype: torch.dtype | str = torch.float16,
     strategy: str = "rescale",
-    margin: float = DEFAULT_MARGIN,
+    margin: float = PLANNING_MARGIN,
     calibration: list[str] | None = None,
     heldout: list[str] | None = None,
     max_kl: float | None = None,

@@ -23,8 +23,8 @@ from .errors import HalfsafeError
 from .layerwise import (
     OUTER, LayerwiseModel, confirm_layerwise, observe_layerwise, release_memory, verify_layerwise,
 )
-from .diagnosing import DEFAULT_MARGIN as DIAGNOSE_MARGIN
-from .planning import DEFAULT_MARGIN as FIX_MARGIN
+from .diagnosing import AT_RISK_MARGIN
+from .planning import PLANNING_MARGIN
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -57,7 +57,7 @@ def open_layerwise(path: Path, *, device="cpu", max_memory: int | None = None, *
 
 
 def diagnose_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, dtype=torch.float16,
-                       also=(torch.bfloat16,), margin: float = DIAGNOSE_MARGIN, name: str | None = None, progress=None):
+                       also=(torch.bfloat16,), margin: float = AT_RISK_MARGIN, name: str | None = None, progress=None):
     """`diagnose`, one layer at a time. The confirmation in each dtype runs layer by layer too;
     no greedy continuation is generated (that needs the whole model at every token)."""
     from .diagnosing import assemble_diagnosis
@@ -79,7 +79,7 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.halfsafe-partial"
 
 
-def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch.float16, margin: float = FIX_MARGIN,
+def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch.float16, margin: float = PLANNING_MARGIN,
                   calibration: list[str] | None = None, heldout: list[str] | None = None,
                   max_kl: float | None = None, verify: bool = True, overwrite: bool = False, progress=None):
     """Observe, plan, verify and export `lm` for `dtype`, one unit at a time; returns the report.

@@ -19,10 +19,13 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .dtypes import dtype_max, dtype_name
+from .errors import HalfsafeError
 from .observing import ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat
 from .registry import Architecture
 
-DEFAULT_MARGIN = 4.0
+# fix: the plan brings every site this factor below the dtype's maximum, so inputs unlike the
+# calibration prompts have room to grow (see docs/numerics.md).
+PLANNING_MARGIN = 4.0
 
 
 @dataclass
@@ -79,7 +82,8 @@ def _power(scale: float) -> str:
 def power_of_two_scale(value: float, target: float) -> float:
     """The largest 2^-k (k >= 0) with value * 2^-k <= target."""
     if not math.isfinite(value):
-        raise ValueError(f"cannot scale a non-finite observation ({value}); observe in float32")
+        raise HalfsafeError(f"cannot scale a non-finite observation ({value}): the model overflows even float32; "
+                            "nothing can be rescaled")
     if value <= target:
         return 1.0
     return 2.0 ** -math.ceil(math.log2(value / target))
@@ -115,13 +119,13 @@ def make_plan(
     num_layers: int,
     *,
     dtype,
-    margin: float = DEFAULT_MARGIN,
+    margin: float = PLANNING_MARGIN,
     attn_implementation: str = "sdpa",
     tied: bool = False,
 ) -> Plan:
     """Scales for `sites` (an fp32 observation) so that every scaled site ends below limit / margin."""
     if margin < 1:
-        raise ValueError(f"margin {margin} must be at least 1")
+        raise HalfsafeError(f"margin {margin} must be at least 1 (a factor below the dtype's maximum)")
     limit = dtype_max(dtype)
     target = limit / margin
     roles, role_layers = site_roles(arch, num_layers, tied)
