@@ -92,6 +92,21 @@ def test_verification_gate_refuses_and_leaves_the_model_untouched():
         assert value.dtype == torch.float32 and torch.equal(value, before[key]), key
 
 
+def test_a_bfloat16_target_is_gated_against_bfloat16_without_the_fix():
+    # A sound plan: power-of-two scales commute with rounding, so the fixed bf16 model is plain
+    # bf16 (measured ratio 1.000) and passes under the bound, plain bf16's KL x 1.25.
+    _, report = fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16,
+                    calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
+    assert report.max_kl == pytest.approx(1.25 * report.fidelity["bfloat16"].kl_mean)
+    assert report.fixed.kl_mean <= report.max_kl
+    # A margin that scales the stream by 2^-22 leaves Gemma's (1 + w) gains no bf16 bits for w:
+    # all finite, yet 9,300x plain bf16's KL (measured). The old bound, the fixed model's own KL,
+    # could not fail here.
+    with pytest.raises(VerificationFailed, match=r"above the bound \(.*, bfloat16 without the fix\)"):
+        fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16, margin=1e40,
+            calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
+
+
 def test_unknown_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 

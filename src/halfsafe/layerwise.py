@@ -456,9 +456,8 @@ def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], arch, pl
     from .verifying import position_metrics, summarise
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
-    variants = {"fp32": lambda unit: nullcontext(), "fixed": fixed_variant(lm, arch, plan, dtype)}
-    if dtype != torch.bfloat16:
-        variants["bfloat16"] = cast_variant(lm, torch.bfloat16)
+    variants = {"fp32": lambda unit: nullcontext(), "fixed": fixed_variant(lm, arch, plan, dtype),
+                "bfloat16": cast_variant(lm, torch.bfloat16)}  # the gate's reference, whatever the target
     sweep = _Sweep(lm, batches, variants)
     sweep.capture()
     for layer in range(lm.num_layers):

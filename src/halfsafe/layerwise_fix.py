@@ -87,7 +87,7 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
     Raises VerificationFailed (nothing written, the work directory removed) when the gate fails.
     """
     from .exporting import check_export_target
-    from .fixing import FixReport, VerificationFailed, _gate, plan_rescale
+    from .fixing import FixReport, VerificationFailed, gate, plan_rescale
     from .registry import architecture_of
 
     dtype = parse_dtype(dtype)
@@ -105,9 +105,8 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
     report = FixReport(plan, calibration_prompts=len(calibration), verification_prompts=len(heldout) if verify else 0)
     if verify:
         report.fidelity = verify_layerwise(lm, tokenizer, heldout, arch, plan, dtype, progress=progress)
-        report.max_kl = max_kl if max_kl is not None else report.fidelity.get("bfloat16", report.fixed).kl_mean
         try:
-            _gate(report)
+            gate(report, dtype, max_kl)
         except VerificationFailed:
             shutil.rmtree(work, ignore_errors=True)
             raise
