@@ -109,15 +109,57 @@ def test_an_interrupted_run_resumes_and_never_leaves_a_partial_output(tiny_dirs,
         fix_layerwise(open_layerwise(path), tokenizer, out, calibration=CALIBRATION, heldout=HELD, progress=interrupted)
     assert not out.exists() and work_dir_for(out).is_dir()
 
+    written = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+               for p in (work_dir_for(out) / "checkpoint").glob("*.safetensors")}
+    if stop_at > 2 * layers:  # interrupted in the export, after at least one shard
+        assert written
+
     resumed, calls = _counting()
     fix_layerwise(open_layerwise(path), tokenizer, out, calibration=CALIBRATION, heldout=HELD, progress=resumed)
     if stop_at <= layers:  # the observation restarts after its last completed layer
         assert len(calls) == (layers - stop_at) + layers + (layers + 1)  # the state is saved before progress
+    else:  # the observation is not run again; the verification is, and the export counts every unit
+        assert len(calls) == layers + (layers + 1)
     assert not work_dir_for(out).exists()
+    # The shards finished before the interruption are the very files published (same inode, same
+    # modification time): the resumed export did not write them again.
+    assert {name: (out / name).stat().st_ino for name in written} == {n: w[0] for n, w in written.items()}
+    assert {name: (out / name).stat().st_mtime_ns for name in written} == {n: w[1] for n, w in written.items()}
 
     fix_layerwise(open_layerwise(path), tokenizer, tmp_path / "clean", calibration=CALIBRATION, heldout=HELD)
     ours, clean = _tensors(out), _tensors(tmp_path / "clean")
     assert ours.keys() == clean.keys() and all(torch.equal(ours[k], clean[k]) for k in ours)
+
+
+class _Payload:
+    """Pickles to a call of os.mkdir: what a tampered resume state could run on load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_tampered_resume_state_is_refused_in_one_line_and_never_run(tiny_dirs, tmp_path):
+    path = tiny_dirs["qwen3", "residual"]
+    out, marker = tmp_path / "fixed", tmp_path / "ran"
+    interrupted, _ = _counting(3)
+    with pytest.raises(_Interrupt):
+        fix_layerwise(open_layerwise(path), load_tokenizer(path), out, calibration=CALIBRATION, heldout=HELD,
+                      progress=interrupted)
+    state = work_dir_for(out) / "observe-state.pt"
+    saved = torch.load(state, weights_only=True)
+    torch.save({**saved, "payload": _Payload(marker)}, state)  # the same state, plus code
+
+    with pytest.raises(HalfsafeError) as caught:
+        fix_layerwise(open_layerwise(path), load_tokenizer(path), out, calibration=CALIBRATION, heldout=HELD)
+    message = str(caught.value)
+    assert not marker.exists() and not out.exists()  # refused before anything ran or was written
+    assert message.startswith(f"the resume state {state} is not one halfsafe wrote (")
+    assert message.endswith(f"delete {state.parent} to start over") and "\n" not in message
 
 
 def test_a_rerun_with_other_settings_starts_over(tiny_dirs, tmp_path):

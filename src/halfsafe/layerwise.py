@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,10 +503,20 @@ def _digest(prompts: list[str]) -> str:
 
 
 def _load_state(path: Path | None, digest: str) -> dict | None:
+    """The saved observation state, if it is for `digest`'s prompts. Loaded with
+    `weights_only=True`: tensors, numbers, strings and containers only, so a work directory
+    someone has tampered with cannot run code; anything else is refused."""
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
-    return state if state.get("digest") == digest else None
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise HalfsafeError(
+            f"the resume state {path} is not one halfsafe wrote ({reason}); refusing to load it: "
+            f"delete {path.parent} to start over"
+        ) from None
+    return state if isinstance(state, dict) and state.get("digest") == digest else None
 
 
 def _save_state(path: Path, state: dict) -> None:
