@@ -7,7 +7,6 @@ twice the fp32 model's size. Run: python benchmarks/bench_diagnose.py
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.observing import encode, last_logits_only  # noqa: E402
 from halfsafe.prompts import bundled_prompts  # noqa: E402
 from halfsafe.session import quiet_transformers  # noqa: E402
+from halfsafe.timing import now  # noqa: E402
 
 
 def main() -> None:
@@ -35,9 +35,9 @@ def main() -> None:
         for prompt in prompts:
             loaded.model(**encode(loaded.tokenizer, prompt, "cpu"), use_cache=False, **last_logits_only(loaded.model))
     with PeakRSS() as memory:
-        started = time.perf_counter()
+        started = now()
         result = diagnose(loaded.model, loaded.tokenizer, prompts, name=loaded.name)
-        seconds = time.perf_counter() - started
+        seconds = now() - started
     print(f"model: {loaded.name}, fp32 size {size / 2**30:.2f} GiB, {len(prompts)} prompts")
     print(f"verdict: {result.target.summary}")
     print(f"diagnose time: {seconds:.1f} s (target < 60 s)")

@@ -12,7 +12,6 @@ Run: python benchmarks/bench_fix.py
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.session import quiet_transformers  # noqa: E402
 from halfsafe.verifying import measure_fidelity  # noqa: E402
+from halfsafe.timing import now  # noqa: E402
 
 SPEED_TOKENS = 32
 SPEED_REPEATS = 3
@@ -38,10 +38,10 @@ def tokens_per_second(model, tokenizer, prompt: str) -> float:
     batch = encode(tokenizer, prompt, next(model.parameters()).device)
     best = float("inf")
     for _ in range(SPEED_REPEATS):
-        started = time.perf_counter()
+        started = now()
         model.generate(**batch, max_new_tokens=SPEED_TOKENS, min_new_tokens=SPEED_TOKENS, do_sample=False,
                        top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        best = min(best, time.perf_counter() - started)
+        best = min(best, now() - started)
     return SPEED_TOKENS / best
 
 
@@ -53,9 +53,9 @@ def main() -> None:
     loaded = load_model("demo")
     size = model_bytes(loaded.model)
     with PeakRSS() as memory:
-        started = time.perf_counter()
+        started = now()
         _, report = fix(loaded.model, loaded.tokenizer)
-        seconds = time.perf_counter() - started
+        seconds = now() - started
     print(f"model: {loaded.name}, fp32 weights {size / 2**30:.2f} GiB")
     print(f"plan: {report.plan.describe()}")
     print(f"fix time (observe 37 prompts, plan, scale, verify on 16 held-out with 32 greedy tokens): {seconds:.1f} s "
@@ -67,9 +67,9 @@ def main() -> None:
     loaded = load_model("demo")
     model, tokenizer = loaded.model, loaded.tokenizer
     names = ["fp32", "bf16", "fp16", "fp16-clamp", "fp16-fixed"]
-    started = time.perf_counter()
+    started = now()
     variants = build_variants(model, tokenizer, names, calibration=bundled_prompts(), margin=PLANNING_MARGIN)
-    print(f"variants built (the fixed one: observe + plan + scaled weights): {time.perf_counter() - started:.1f} s")
+    print(f"variants built (the fixed one: observe + plan + scaled weights): {now() - started:.1f} s")
     prompts = bundled_prompts(HELDOUT)
     fidelity = measure_fidelity(model, tokenizer, prompts, variants, new_tokens=32)
     print(f"\nfidelity vs fp32 on {len(prompts)} held-out prompts ({fidelity['bf16'].positions} positions), "

@@ -12,7 +12,6 @@ Run: python benchmarks/bench_guard.py
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from halfsafe.guarding import guard  # noqa: E402
 from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.session import quiet_transformers  # noqa: E402
+from halfsafe.timing import now  # noqa: E402
 
 NEW_TOKENS = 32
 REPEATS = 5
@@ -46,9 +46,9 @@ def measure(model, tokenizer, batch_size: int, repeats: int) -> tuple[float, flo
     with torch.inference_mode():
         for _ in range(repeats):
             for name, run in (("plain", model.generate), ("guarded", guarded.generate)):
-                started = time.perf_counter()
+                started = now()
                 run(**inputs, **settings)
-                best[name] = min(best[name], time.perf_counter() - started)
+                best[name] = min(best[name], now() - started)
             shares.append(guarded.report.overhead_seconds / guarded.report.seconds)
     tokens = batch_size * NEW_TOKENS
     return tokens / best["plain"], tokens / best["guarded"], min(shares), guarded.counters.nonfinite_rows

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from halfsafe.fixing import fix  # noqa: E402
 from halfsafe.guarding import guard  # noqa: E402
 from halfsafe.precision import cast_temporarily  # noqa: E402
 from halfsafe.testing import SHORT_PROMPTS, byte_tokenizer, plant_massive_activation  # noqa: E402
+from halfsafe.timing import now  # noqa: E402
 
 SHAPES = {  # name: Qwen3Config fields (the public configs' shapes)
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -42,15 +42,11 @@ def tokens_per_second(model, tokenizer, batch: int, new_tokens: int, generate=No
     inputs = tokenizer((SHORT_PROMPTS * batch)[:batch], return_tensors="pt", padding=True).to(model.device)
     best = float("inf")
     for _ in range(2):
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+        started = now()
         with torch.inference_mode():
             generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
+                     top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        best = min(best, now() - started)
     return batch * new_tokens / best
 
 
@@ -78,9 +74,9 @@ def main() -> None:
                 speeds["bf16", batch] = tokens_per_second(model, tokenizer, batch, args.new_tokens)
         with cast_temporarily(model, torch.float16), torch.inference_mode():
             plain = model(**tokenizer(SHORT_PROMPTS[0], return_tensors="pt").to(device)).logits
-        started = time.perf_counter()
+        started = now()
         model, report = fix(model, tokenizer, calibration=SHORT_PROMPTS, verify=False)
-        fix_seconds = time.perf_counter() - started
+        fix_seconds = now() - started
         with torch.inference_mode():
             fixed = model(**tokenizer(SHORT_PROMPTS[0], return_tensors="pt").to(device)).logits
         guarded = guard(model)

@@ -12,7 +12,6 @@ Then speed (greedy tokens/s at batch 1 and 8) and the weights' memory per varian
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from .errors import HalfsafeError
 from .planning import PLANNING_MARGIN
+from .timing import now
 from .verifying import Fidelity
 
 DEFAULT_VARIANTS = ("fp32", "bf16", "fp16", "fp16-fixed")
@@ -141,13 +141,9 @@ def _speed(model: nn.Module, tokenizer, texts: list[str]) -> tuple[float, float,
         prompts = (texts * 8)[:batch]
         best = float("inf")
         for _ in range(2):
-            if cuda:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
+            started = now()
             with torch.inference_mode():
                 greedy_tokens(model, tokenizer, prompts, SPEED_TOKENS)
-            if cuda:
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - started)
+            best = min(best, now() - started)
         rates.append(batch * SPEED_TOKENS / best)
     return rates[0], rates[1], torch.cuda.max_memory_allocated() if cuda else None

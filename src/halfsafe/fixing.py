@@ -6,7 +6,6 @@ checkpoint that stock transformers or vLLM loads and runs at its usual float16 s
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +21,7 @@ from .planning import PLANNING_MARGIN, Plan, make_plan
 from .precision import cast_temporarily
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 from .registry import architecture_of
+from .timing import now
 from .verifying import Fidelity, measure_fidelity
 
 VERIFY_TOKENS = 32
@@ -148,9 +148,9 @@ def _speed_ratio(model, tokenizer, prompt: str, variant, dtype: torch.dtype, rep
     def best_time() -> float:
         times = []
         for _ in range(repeats):
-            started = time.perf_counter()
+            started = now()
             model(**batch, use_cache=False)
-            times.append(time.perf_counter() - started)
+            times.append(now() - started)
         return min(times)
 
     with torch.inference_mode():

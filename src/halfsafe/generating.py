@@ -6,7 +6,6 @@ The command line streams one prompt's tokens as they come; the library returns a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ from .advising import generation_advice
 from .dtypes import dtype_name
 from .errors import HalfsafeError
 from .guarding import GuardedGenerator, GuardReport
+from .timing import now
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -104,11 +104,11 @@ def generate_text(
     if seed is not None:
         torch.manual_seed(seed)
     guarded = GuardedGenerator(model, on_nonfinite=on_nonfinite, stop_on_degeneration=stop_on_degeneration)
-    started = time.perf_counter()
+    started = now()
     with torch.inference_mode():
         out = guarded.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                streamer=streamer, **sampling)
-    seconds = time.perf_counter() - started
+    seconds = now() - started
     new = out[:, batch["input_ids"].shape[1]:].cpu()
     tokens = [_trim(row.tolist(), tokenizer) for row in new]
     return Generation(

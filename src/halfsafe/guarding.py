@@ -39,6 +39,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from .dtypes import dtype_name
 from .errors import HalfsafeError
 from .hooks import HookSet
+from .timing import now
 
 POLICIES = ("recover", "sanitize", "raise")
 INF_LOGIT = float(torch.finfo(torch.float16).max)  # what +inf becomes: certain, yet no warper overflows it
@@ -134,7 +135,8 @@ class GuardCounters:
 
 
 def _timed(method):
-    """Adds the host time of each call to `self.seconds` (the guard reports its own cost)."""
+    """Adds the host time of each call to `self.seconds` (the guard reports its own cost). Host
+    time on purpose, without `timing.now`'s GPU wait: a wait per step would add the stall it measures."""
     @functools.wraps(method)
     def timed(self, *args, **kwargs):
         started = time.perf_counter()
@@ -345,7 +347,7 @@ class GuardedGenerator:
         criteria.append(monitor)
 
         call = _Call(sanitizer, monitor)
-        started = time.perf_counter()
+        started = now()
         with HookSet() as hooks:
             hooks.pre_forward(self.model, functools.partial(self._before_forward, call))
             # always_call: the gate is left even when the forward raises.
@@ -353,7 +355,7 @@ class GuardedGenerator:
                           always_call=True)
             output = self.model.generate(inputs, logits_processor=processors, stopping_criteria=criteria, **kwargs)
         report = GuardReport(self.policy, dtype_name(next(self.model.parameters()).dtype), steps=call.step,
-                             seconds=time.perf_counter() - started, advice=advice)
+                             seconds=now() - started, advice=advice)
         report.events = call.events + _flag_events(sanitizer, monitor)
         report.events.sort(key=lambda e: (e.step, e.row))
         report.overhead_seconds = call.overhead + sanitizer.seconds + monitor.seconds
