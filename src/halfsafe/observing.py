@@ -8,7 +8,7 @@ A *site* is one place a tensor can overflow:
   residual stream, i.e. a value computed inside a sublayer (`act(gate) * up` entering
   `down_proj`, the attention output entering `o_proj`);
 - `attn_logits`: `q @ k^T` before the 1/sqrt(d) scaling, which eager attention materialises
-  in the model's dtype (the Qwen2-style overflow of NUMERICS.md section 2);
+  in the model's dtype (the Qwen2-style overflow of docs/numerics.md, section 1);
 - `logits`: the output embedding's output, at the last position (the one `generate` uses).
 
 Architecture-agnostic on purpose: the decoder layers are found as the module list whose length

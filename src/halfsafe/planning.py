@@ -8,7 +8,7 @@
 
 Each scale is the largest power of two that brings its sites below `dtype max / margin`:
 a power of two is exact in floating point, and scaling further than needed pushes small
-values toward float16's subnormals and makes the norms' eps significant (NUMERICS.md:
+values toward float16's subnormals and makes the norms' eps significant (docs/numerics.md:
 s = 1/8 gave KL 7e-7 on a tiny Qwen3, s = 1/64 gave 1e-2).
 """
 

@@ -2,12 +2,12 @@
 
 In a pre-norm transformer every reader of the residual stream is an RMSNorm, and
 `rms(s * x) = s * rms(x)`: multiplying every *writer* by `s` scales the stream by `s` and
-changes nothing downstream (NUMERICS.md section 3). An entry therefore lists, per decoder
+changes nothing downstream (docs/numerics.md, section 3). An entry therefore lists, per decoder
 layer, the writers (a linear layer, a norm that sits after a sublayer, or a stacked expert
 parameter) and the MLP's internal (up, down) pair; generic code never branches on the model.
 
 A reader sees `s^2 * mean(x^2) + eps`; the fix scales eps by s^2 too, which makes the
-readers exact rather than approximately invariant (the eps pitfall of NUMERICS.md). Every
+readers exact rather than approximately invariant (docs/numerics.md, section 3, "The eps"). Every
 RMSNorm shares the config's eps, so the norms that do not read the stream (q/k norms, Gemma's
 post-norms) get their input scaled by s as well: `eps_companions` are the linear layers that
 feed them. Each such norm then sees s * y against s^2 * eps and returns exactly what it did.
