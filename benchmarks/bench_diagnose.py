@@ -14,7 +14,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import PeakRSS, machine, model_bytes  # noqa: E402
-
 from halfsafe.diagnosing import diagnose  # noqa: E402
 from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.observing import encode, last_logits_only  # noqa: E402

@@ -19,16 +19,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import PeakRSS, machine, model_bytes  # noqa: E402
-
 from halfsafe.comparing import build_variants  # noqa: E402
 from halfsafe.fixing import fix  # noqa: E402
+from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.observing import encode  # noqa: E402
 from halfsafe.planning import PLANNING_MARGIN  # noqa: E402
-from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.session import quiet_transformers  # noqa: E402
-from halfsafe.verifying import measure_fidelity  # noqa: E402
 from halfsafe.timing import now  # noqa: E402
+from halfsafe.verifying import measure_fidelity  # noqa: E402
 
 SPEED_TOKENS = 32
 SPEED_REPEATS = 3
@@ -60,7 +59,8 @@ def main() -> None:
     print(f"plan: {report.plan.describe()}")
     print(f"fix time (observe 37 prompts, plan, scale, verify on 16 held-out with 32 greedy tokens): {seconds:.1f} s "
           "(target < 60 s)")
-    print(f"peak resident memory during fix: {memory.peak / 2**30:.2f} GiB = {memory.peak / size:.2f}x the fp32 weights")
+    print(f"peak resident memory during fix: {memory.peak / 2**30:.2f} GiB = "
+          f"{memory.peak / size:.2f}x the fp32 weights")
     del loaded, report
 
     # 2. fidelity of every variant, from one fp32 model, built as `halfsafe compare` builds them
@@ -74,7 +74,8 @@ def main() -> None:
     fidelity = measure_fidelity(model, tokenizer, prompts, variants, new_tokens=32)
     print(f"\nfidelity vs fp32 on {len(prompts)} held-out prompts ({fidelity['bf16'].positions} positions), "
           "greedy over 32 new tokens:")
-    print("| variant | non-finite | KL mean | KL p99 | KL max | top-1 | mean abs dp | perplexity | greedy match | identical |")
+    print("| variant | non-finite | KL mean | KL p99 | KL max | top-1 | mean abs dp | perplexity "
+          "| greedy match | identical |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, f in fidelity.items():
         print(f"| {name} | {f.nonfinite_share:.0%} | {f.kl_mean:.2e} | {f.kl_p99:.2e} | {f.kl_max:.2e} | "

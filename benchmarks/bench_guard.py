@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-
 from halfsafe.fixing import fix  # noqa: E402
 from halfsafe.guarding import guard  # noqa: E402
 from halfsafe.loading import load_model  # noqa: E402

@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-
 from halfsafe.fixing import fix  # noqa: E402
 from halfsafe.guarding import guard  # noqa: E402
 from halfsafe.precision import cast_temporarily  # noqa: E402
@@ -92,8 +91,9 @@ def main() -> None:
             print(f"| {variant} | {speeds[variant, 1]:.1f} | {speeds[variant, 16]:.1f} |")
         print(f"fixed fp16 / bf16: {speeds['fp16-fixed', 1] / speeds['bf16', 1]:.2f} at batch 1, "
               f"{speeds['fp16-fixed', 16] / speeds['bf16', 16]:.2f} at batch 16")
-        print(f"guard overhead, guarded / plain fixed fp16: {speeds['fp16-fixed guarded', 1] / speeds['fp16-fixed', 1]:.3f} "
-              f"at batch 1, {speeds['fp16-fixed guarded', 16] / speeds['fp16-fixed', 16]:.3f} at batch 16 "
+        print("guard overhead, guarded / plain fixed fp16: "
+              f"{speeds['fp16-fixed guarded', 1] / speeds['fp16-fixed', 1]:.3f} at batch 1, "
+              f"{speeds['fp16-fixed guarded', 16] / speeds['fp16-fixed', 16]:.3f} at batch 16 "
               f"(non-finite steps: {guarded.counters.nonfinite_rows})")
         del model
         if device.type == "cuda":

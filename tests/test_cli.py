@@ -42,7 +42,8 @@ def test_unsafe_without_flag_exits_zero(tiny_dirs, prompts_file):
 
 
 def test_bfloat16_target(tiny_dirs, prompts_file, capsys):
-    assert main(["diagnose", str(tiny_dirs["llama", "residual"]), "--prompts", str(prompts_file), "--dtype", "bf16"]) == 0
+    args = ["diagnose", str(tiny_dirs["llama", "residual"]), "--prompts", str(prompts_file), "--dtype", "bf16"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "bfloat16: safe" in out and "float16: UNSAFE" not in out
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from halfsafe.cli import main
 from halfsafe.comparing import compare, parse_variants

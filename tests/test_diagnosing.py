@@ -8,8 +8,6 @@ from halfsafe.precision import cast_temporarily
 from halfsafe.testing import ARCHITECTURES, CHANNEL, MASSIVE, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 
-
-
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_planted_overflow_is_unsafe_in_float16_and_safe_in_bfloat16(tiny_dirs, arch):
     loaded = load_model(str(tiny_dirs[arch, "residual"]))

@@ -12,7 +12,8 @@ from halfsafe.fixing import VerificationFailed, fix
 from halfsafe.observing import observe
 from halfsafe.planning import make_plan
 from halfsafe.precision import cast_temporarily
-from halfsafe.registry import ARCHITECTURES as REGISTRY, architecture_of
+from halfsafe.registry import ARCHITECTURES as REGISTRY
+from halfsafe.registry import architecture_of
 from halfsafe.testing import ARCHITECTURES, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
@@ -49,13 +50,13 @@ def test_fix_makes_planted_overflow_finite_and_preserves_the_function(arch, plan
     assert not plan.is_identity
     exact = scaled_weights(model, architecture_of(model), plan, torch.float32)
     with use_fix(model, architecture_of(model), plan, exact):
-        for ref, out in zip(reference, logits(model)):
+        for ref, out in zip(reference, logits(model), strict=True):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
     fixed, report = fix(model, TOKENIZER)
     assert report.plan == plan
     assert next(fixed.parameters()).dtype == torch.float16
-    for ref, out in zip(reference, logits(fixed)):
+    for ref, out in zip(reference, logits(fixed), strict=True):
         assert torch.isfinite(out).all()
         assert (out - ref).abs().max() < 1e-2  # fp16 rounding, at logits of order 1
     assert report.fixed.nonfinite_share == 0 and report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
@@ -111,7 +112,8 @@ def test_unknown_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).eval()
-    with pytest.raises(HalfsafeError, match="GPT2LMHeadModel is not in halfsafe's architecture registry .supported: gemma"):
+    with pytest.raises(HalfsafeError,
+                       match="GPT2LMHeadModel is not in halfsafe's architecture registry .supported: gemma"):
         fix(model, TOKENIZER)
 
 
@@ -163,11 +165,13 @@ def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_di
     assert block["plan"]["residual_scale"] == 0.125 and block["verification"]["fixed"]["nonfinite_share"] == 0
     assert json.loads((tmp_path / "plan.json").read_text())["plan"] == block["plan"]
     assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
-    assert oct((out / "model.safetensors").stat().st_mode & 0o044) == oct(0o044)  # readable by others, like any checkpoint
+    # Readable by others, like any checkpoint.
+    assert oct((out / "model.safetensors").stat().st_mode & 0o044) == oct(0o044)
 
     # Loaded in a process without halfsafe, the checkpoint gives the in-memory fixed model's logits.
     in_memory, _ = fix(load_model(str(source)).model, TOKENIZER)
-    for mine, theirs in zip(logits(in_memory), reload_in_plain_transformers(out, SHORT_PROMPTS, tmp_path)):
+    reloaded = reload_in_plain_transformers(out, SHORT_PROMPTS, tmp_path)
+    for mine, theirs in zip(logits(in_memory), reloaded, strict=True):
         assert torch.isfinite(theirs).all()
         torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
 
@@ -209,7 +213,7 @@ def test_keep_fp32_makes_planted_overflow_finite(arch):
     dtypes = {name: p.dtype for name, p in fixed.named_parameters()}
     assert dtypes["model.layers.0.mlp.down_proj.weight"] == torch.float16
     assert dtypes["model.layers.1.mlp.down_proj.weight"] == torch.float32
-    for ref, out in zip(reference, logits(fixed)):
+    for ref, out in zip(reference, logits(fixed), strict=True):
         assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-2
     assert report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
 
@@ -229,7 +233,7 @@ def test_keep_fp32_works_where_the_registry_has_no_entry():
         assert not all(torch.isfinite(x).all() for x in logits(model))
     fixed, report = fix(model, TOKENIZER, strategy="keep-fp32", calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
     assert report.plan.kept_layers == [0, 1]
-    for ref, out in zip(reference, logits(fixed)):
+    for ref, out in zip(reference, logits(fixed), strict=True):
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
 

@@ -10,7 +10,14 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from halfsafe.errors import HalfsafeError
 from halfsafe.guarding import (
-    INF_LOGIT, NONFINITE, RECOVERED, STOPPED, DegenerationMonitor, NonFiniteLogits, SanitizeLogits, guard,
+    INF_LOGIT,
+    NONFINITE,
+    RECOVERED,
+    STOPPED,
+    DegenerationMonitor,
+    NonFiniteLogits,
+    SanitizeLogits,
+    guard,
 )
 from halfsafe.loading import load_model
 from halfsafe.observing import find_decoder_layers
@@ -219,7 +226,8 @@ _SPECIAL = st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0, 1.0,
 
 @settings(max_examples=200, deadline=None)
 @given(
-    rows=st.lists(st.lists(st.one_of(_SPECIAL, st.floats(-1e30, 1e30)), min_size=8, max_size=8), min_size=1, max_size=4),
+    rows=st.lists(st.lists(st.one_of(_SPECIAL, st.floats(-1e30, 1e30)), min_size=8, max_size=8),
+                  min_size=1, max_size=4),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     temperature=st.sampled_from([0.05, 0.7, 1.0, 2.0]),
 )

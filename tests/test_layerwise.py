@@ -75,7 +75,7 @@ def test_layerwise_diagnosis_matches_the_in_memory_verdicts(tiny_dirs):
     loaded = load_model(str(path))
     expected = diagnose(loaded.model, loaded.tokenizer, CALIBRATION)
     got = diagnose_layerwise(LayerwiseModel(path), loaded.tokenizer, CALIBRATION)
-    for ours, theirs in zip(got.verdicts, expected.verdicts):
+    for ours, theirs in zip(got.verdicts, expected.verdicts, strict=True):
         assert (ours.status, ours.max_abs, ours.max_site, ours.nonfinite_prompts) == \
                (theirs.status, theirs.max_abs, theirs.max_site, theirs.nonfinite_prompts)
         assert (ours.first_nonfinite is None) == (theirs.first_nonfinite is None)
@@ -177,7 +177,8 @@ def test_a_rerun_with_other_settings_starts_over(tiny_dirs, tmp_path):
 def test_layerwise_refusals_are_one_clear_line(tiny_dirs, tmp_path):
     with pytest.raises(HalfsafeError, match="layout transformers converts when loading .* use the in-memory path"):
         LayerwiseModel(tiny_dirs["qwen3_moe", "residual"])
-    with pytest.raises(HalfsafeError, match=r"largest unit \(layer 0\) needs 144.5 KiB in fp32, above --max-memory 1000 B"):
+    with pytest.raises(HalfsafeError,
+                       match=r"largest unit \(layer 0\) needs 144.5 KiB in fp32, above --max-memory 1000 B"):
         open_layerwise(tiny_dirs["llama", None], max_memory=parse_memory("1KB"))
     assert parse_memory("7.5GiB") == int(7.5 * 2**30) and parse_memory("500MB") == 500 * 10**6
     with pytest.raises(HalfsafeError, match="'8XB' is not a size"):

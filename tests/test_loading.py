@@ -106,7 +106,8 @@ def test_hub_id_resolves_from_the_offline_cache(tiny_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\n")
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    done = _run_cli(["diagnose", "halfsafe-tests/tiny-llama", "--prompts", str(prompts), "--device", "cpu"], env, tmp_path)
+    args = ["diagnose", "halfsafe-tests/tiny-llama", "--prompts", str(prompts), "--device", "cpu"]
+    done = _run_cli(args, env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "float16: safe" in done.stdout
 

@@ -6,8 +6,6 @@ from halfsafe.observing import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, Activ
 from halfsafe.testing import CHANNEL, MASSIVE, PLANT_LAYER, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 
-
-
 def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 

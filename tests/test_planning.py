@@ -36,7 +36,8 @@ def observation(residual=20.0, interior=10.0, qk=50.0, final_norm=30.0):
 
 @pytest.mark.parametrize(
     "value, target, expected",
-    [(1e5, 65504 / 4, 2**-3), (16376.0, 16376.0, 1.0), (16377.0, 16376.0, 0.5), (10.0, 16376.0, 1.0), (3e6, 16376.0, 2**-8)],
+    [(1e5, 65504 / 4, 2**-3), (16376.0, 16376.0, 1.0), (16377.0, 16376.0, 0.5), (10.0, 16376.0, 1.0),
+     (3e6, 16376.0, 2**-8)],
 )
 def test_power_of_two_scale_is_the_largest_that_fits(value, target, expected):
     scale = power_of_two_scale(value, target)

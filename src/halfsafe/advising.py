@@ -78,6 +78,7 @@ def generation_advice(name: str, tokenizer, *, do_sample: bool, temperature: flo
     if not instruct and not chat:
         low = do_sample and temperature is not None and temperature < LOW_TEMPERATURE
         if low or not do_sample or not repetition_penalty or repetition_penalty <= 1.0:
-            what = f"temperature {temperature}" if low else ("greedy decoding" if not do_sample else "no repetition penalty")
+            what = (f"temperature {temperature}" if low
+                    else "greedy decoding" if not do_sample else "no repetition penalty")
             advice.append(f"base model with {what}: base models tend to loop; try {SUGGESTED}")
     return advice

@@ -29,7 +29,6 @@ from .planning import Plan
 from .precision import use_weights
 from .registry import Architecture
 
-
 _ROWS = 4096
 
 
@@ -109,7 +108,7 @@ def _resolve(layer: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
 
 
 def scaled_weights(model: nn.Module, arch: Architecture, plan: Plan, dtype: torch.dtype, *,
-                   only: set[str] | None = None, scales: dict[str, "_Scale"] | None = None) -> dict[str, torch.Tensor]:
+                   only: set[str] | None = None, scales: dict[str, _Scale] | None = None) -> dict[str, torch.Tensor]:
     """Every floating parameter of `model` (or those named in `only`), scaled by `plan` and cast
     to `dtype`; the model is untouched. `scales`: `scale_factors`' result, if already computed."""
     scales = scale_factors(model, arch, plan) if scales is None else scales
@@ -120,13 +119,13 @@ def scaled_weights(model: nn.Module, arch: Architecture, plan: Plan, dtype: torc
     }
 
 
-def scaled_tensor(name: str, tensor: torch.Tensor, entry: "_Scale | None", dtype: torch.dtype) -> torch.Tensor:
+def scaled_tensor(name: str, tensor: torch.Tensor, entry: _Scale | None, dtype: torch.dtype) -> torch.Tensor:
     """One parameter scaled (float64 arithmetic, a slice of rows at a time, since an embedding can
     be gigabytes wide), cast once to `dtype` and checked finite."""
     if entry is None or entry.factor == 1.0:
         return tensor.to(dtype)
     new = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
-    for source, target in zip(tensor.split(_ROWS), new.split(_ROWS)):
+    for source, target in zip(tensor.split(_ROWS), new.split(_ROWS), strict=True):
         target.copy_((source.to(torch.float64) + entry.offset) * entry.factor - entry.offset)
     if not bool(torch.isfinite(new).all()):
         raise HalfsafeError(

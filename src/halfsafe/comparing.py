@@ -32,7 +32,7 @@ SPEED_TOKENS = 16
 @dataclass
 class VariantResult:
     variant: str
-    fidelity: "Fidelity"
+    fidelity: Fidelity
     weights_bytes: int  # the variant's parameters as it holds them
     tokens_per_s_batch1: float | None
     tokens_per_s_batch8: float | None

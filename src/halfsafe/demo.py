@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from rich.rule import Rule
 
+from .diagnosing import AT_RISK_MARGIN, greedy_continuation
 from .guarding import NONFINITE, GuardedGenerator
 from .loading import DEMO, cache_root
 from .precision import cast_temporarily
 from .prompts import bundled_prompts
-from .diagnosing import AT_RISK_MARGIN, greedy_continuation
 from .reporting import check_output_path, plot_diagnosis, render_diagnosis, render_fix
 from .session import diagnose_with_progress, fix_with_progress, load_for_cli, make_console
 

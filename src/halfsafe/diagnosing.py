@@ -21,7 +21,14 @@ from .dtypes import dtype_max, dtype_name
 from .errors import HalfsafeError
 from .hooks import HookSet
 from .observing import (
-    ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat, encode, find_decoder_layers, last_logits_only, observe,
+    ATTN_LOGITS,
+    EMBEDDING,
+    RESIDUAL,
+    SiteStat,
+    encode,
+    find_decoder_layers,
+    last_logits_only,
+    observe,
 )
 from .precision import cast_temporarily
 

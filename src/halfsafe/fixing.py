@@ -211,5 +211,6 @@ def load_fixed(model: str, dtype: torch.dtype | str = torch.float16, *, device: 
     loaded = load_model(model, dtype=torch.float32, **{k: v for k, v in kwargs.items() if k in load_keys})
     if device is not None:
         loaded.model.to(device)
-    fixed, _ = fix(loaded.model, loaded.tokenizer, dtype=dtype, **{k: v for k, v in kwargs.items() if k not in load_keys})
+    fix_options = {k: v for k, v in kwargs.items() if k not in load_keys}
+    fixed, _ = fix(loaded.model, loaded.tokenizer, dtype=dtype, **fix_options)
     return fixed, loaded.tokenizer

@@ -446,7 +446,8 @@ class GuardedGenerator:
 
     def _recover(self, call: _Call, step: int, rows: list[int], sequence, mask, output, module: str | None):
         if sequence is None:
-            call.events.extend(GuardEvent(step, r, UNRECOVERED, module, detail="no input_ids to recompute") for r in rows)
+            call.events.extend(GuardEvent(step, r, UNRECOVERED, module, detail="no input_ids to recompute")
+                               for r in rows)
             return None
         try:
             fresh = self._rerun(call, sequence, mask, rows, dtype=torch.float32, use_cache=True)
@@ -497,12 +498,13 @@ def _repair_cache(cache, fresh, rows: list[int], fresh_rows: list[int]) -> bool:
     if not layers or not new_layers or len(layers) != len(new_layers):
         return False
     updates = []
-    for layer, new in zip(layers, new_layers):
+    for layer, new in zip(layers, new_layers, strict=True):
         for name in ("keys", "values"):
             old, value = getattr(layer, name, None), getattr(new, name, None)
             if not torch.is_tensor(old) or not torch.is_tensor(value) or value.shape[-2] < old.shape[-2]:
                 return False
-            value = value[fresh_rows, ..., value.shape[-2] - old.shape[-2]:, :].to(old.dtype)  # sliding layers keep the tail
+            # Sliding-window layers keep only the tail.
+            value = value[fresh_rows, ..., value.shape[-2] - old.shape[-2]:, :].to(old.dtype)
             if not bool(torch.isfinite(value).all()):
                 return False
             updates.append((old, value))

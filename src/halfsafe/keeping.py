@@ -45,7 +45,8 @@ class KeepPlan:
         if self.is_identity:
             return f"no layer needs fp32: every site is {self.margin:g}x below the {self.dtype} limit"
         return (f"keep {len(self.kept_layers)} layer(s) in fp32 ({_ranges(self.kept_layers)}): "
-                f"+{format_bytes(self.fp32_bytes)} over the all-{self.dtype} weights ({format_bytes(self.half_bytes)}); "
+                f"+{format_bytes(self.fp32_bytes)} over the all-{self.dtype} weights "
+                f"({format_bytes(self.half_bytes)}); "
                 "second best to rescaling")
 
     def to_json(self) -> dict:

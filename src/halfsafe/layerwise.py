@@ -125,7 +125,8 @@ class LayerwiseModel:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                          trust_remote_code=trust_remote_code, **kwargs)
         except Exception as exc:
-            raise HalfsafeError(f"could not build the model of '{self.path}': {str(exc).splitlines()[0][:200]}") from exc
+            reason = str(exc).splitlines()[0][:200]
+            raise HalfsafeError(f"could not build the model of '{self.path}': {reason}") from exc
         model.tie_weights()
         self.model = model.eval()
         for buffer in self.model.buffers():
@@ -465,7 +466,8 @@ def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], arch, pl
         sweep.layer(layer)
         if progress is not None:
             progress()
-    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": []} for name in variants if name != "fp32"}
+    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": []}
+                 for name in variants if name != "fp32"}
     for p, logits in sweep.tails(last_only=False):
         reference = logits["fp32"][0].float()
         targets = batches[p]["input_ids"][0, 1:]
@@ -494,7 +496,8 @@ def confirm_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], dtype: 
             if progress is not None:
                 progress()
         for p, logits in sweep.tails(last_only=True):
-            bad[p] = not bool(torch.isfinite(logits["cast"]).all()) or not bool(torch.isfinite(sweep.hidden["cast"][p]).all())
+            finite = bool(torch.isfinite(logits["cast"]).all()) and bool(torch.isfinite(sweep.hidden["cast"][p]).all())
+            bad[p] = not finite
     return Confirmation(int(bad.sum()), watch.first_nonfinite(), "")
 
 

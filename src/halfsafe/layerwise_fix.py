@@ -18,12 +18,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .diagnosing import AT_RISK_MARGIN
 from .dtypes import dtype_name, format_bytes, parse_dtype
 from .errors import HalfsafeError
 from .layerwise import (
-    OUTER, LayerwiseModel, confirm_layerwise, observe_layerwise, release_memory, verify_layerwise,
+    OUTER,
+    LayerwiseModel,
+    confirm_layerwise,
+    observe_layerwise,
+    release_memory,
+    verify_layerwise,
 )
-from .diagnosing import AT_RISK_MARGIN
 from .planning import PLANNING_MARGIN
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 
@@ -79,9 +84,10 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.halfsafe-partial"
 
 
-def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch.float16, margin: float = PLANNING_MARGIN,
-                  calibration: list[str] | None = None, heldout: list[str] | None = None,
-                  max_kl: float | None = None, verify: bool = True, overwrite: bool = False, progress=None):
+def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch.float16,
+                  margin: float = PLANNING_MARGIN, calibration: list[str] | None = None,
+                  heldout: list[str] | None = None, max_kl: float | None = None, verify: bool = True,
+                  overwrite: bool = False, progress=None):
     """Observe, plan, verify and export `lm` for `dtype`, one unit at a time; returns the report.
 
     Raises VerificationFailed (nothing written, the work directory removed) when the gate fails.
@@ -138,20 +144,20 @@ def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report,
         if not shard.exists():  # a resumed run keeps the shards already written
             # Read as stored: the arithmetic is float64 in slices, so no fp32 copy is needed.
             tensors = {key: scaled_tensor(name, lm.load(name, dtype=None), scales.get(name), dtype).cpu().contiguous()
-                       for name, key in zip(names, keys)}
+                       for name, key in zip(names, keys, strict=True)}
             temporary = shard.with_name(shard.name + ".tmp")
             save_file(tensors, str(temporary), metadata={"format": "pt"})
             os.replace(temporary, shard)
             del tensors
             release_memory(lm.device)
-        for name, key in zip(names, keys):
+        for name, key in zip(names, keys, strict=True):
             weight_map[key] = shard.name
             shape = lm.model.get_parameter(name).shape
             total += torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
         if progress is not None and k >= len(outer) - 1:  # once outside the layers, then once per layer
             progress()
-    (target / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for obj, attr, value in norm_eps_settings(lm.model, arch, plan):
         setattr(obj, attr, value)
     if plan.attn_implementation:

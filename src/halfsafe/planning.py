@@ -52,7 +52,7 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Plan":
+    def from_json(cls, data: dict) -> Plan:
         data = dict(data)
         data["mlp_scales"] = {int(k): float(v) for k, v in data.get("mlp_scales", {}).items()}
         return cls(**data)

@@ -169,7 +169,7 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
     qk = [(layer.layer, layer.attn_logits_max) for layer in diagnosis.layers if layer.attn_logits_max]
     if qk:
         eager = diagnosis.attn_implementation == "eager"
-        ax.plot(*zip(*qk), "^", color="tab:purple", alpha=1.0 if eager else 0.45,
+        ax.plot(*zip(*qk, strict=True), "^", color="tab:purple", alpha=1.0 if eager else 0.45,
                 label="attention q.k (eager only)" if not eager else "attention q.k (before scaling)")
     limit = diagnosis.target.dtype_max
     ax.axhline(limit, color="tab:red", linestyle="--", label=f"{diagnosis.dtype} max ({limit:,.0f})")

@@ -33,7 +33,8 @@ _COMMON = dict(
 # the norm that post-processes the MLP output (Gemma) and its gain convention.
 ARCHITECTURES = {
     "llama": dict(config="LlamaConfig", extra=dict(tie_word_embeddings=False), post_mlp_norm=None),
-    "mistral": dict(config="MistralConfig", extra=dict(tie_word_embeddings=False, sliding_window=32), post_mlp_norm=None),
+    "mistral": dict(config="MistralConfig", extra=dict(tie_word_embeddings=False, sliding_window=32),
+                    post_mlp_norm=None),
     "qwen2": dict(config="Qwen2Config", extra=dict(tie_word_embeddings=True), post_mlp_norm=None),
     "qwen3": dict(config="Qwen3Config", extra=dict(head_dim=16, tie_word_embeddings=True), post_mlp_norm=None),
     # Layer 1 (the planted one) is dense; the others route through stacked experts.

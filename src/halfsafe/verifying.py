@@ -15,9 +15,9 @@ same numbers the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
