@@ -7,7 +7,7 @@ import torch
 
 from halfsafe.loading import load_model
 from halfsafe.session import quiet_transformers
-from halfsafe.testing import ARCHITECTURES, save_tiny_model
+from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 
 quiet_transformers()
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -34,6 +34,15 @@ def tiny_dirs(tmp_path_factory):
             dirs[arch, plant] = save_tiny_model(arch, root / f"{arch}-{plant}", plant=plant)
     dirs["qwen2", "attention"] = save_tiny_model("qwen2", root / "qwen2-attention", plant="attention")
     return dirs
+
+
+@pytest.fixture(scope="session")
+def short_prompt_args(tmp_path_factory):
+    """`fix` options that calibrate on SHORT_PROMPTS and verify on SHORT_HELDOUT (files on disk)."""
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "calibration.txt").write_text("\n".join(SHORT_PROMPTS) + "\n", encoding="utf-8")
+    (root / "heldout.txt").write_text("\n".join(SHORT_HELDOUT) + "\n", encoding="utf-8")
+    return ["--prompts", str(root / "calibration.txt"), "--heldout", str(root / "heldout.txt")]
 
 
 @pytest.fixture(scope="session")

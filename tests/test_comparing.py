@@ -9,10 +9,10 @@ from halfsafe.loading import load_model
 from halfsafe.testing import SHORT_PROMPTS
 
 
-def test_compare_on_a_planted_model(tiny_dirs, tmp_path):
+def test_compare_on_a_planted_model(tiny_dirs, tmp_path, short_prompt_args):
     loaded = load_model(str(tiny_dirs["qwen3", "residual"]))
     fixed_dir = tmp_path / "fixed"
-    assert main(["fix", str(tiny_dirs["qwen3", "residual"]), "--out", str(fixed_dir)]) == 0
+    assert main(["fix", str(tiny_dirs["qwen3", "residual"]), "--out", str(fixed_dir), *short_prompt_args]) == 0
     names = parse_variants(f"fp32,bf16,fp16,fp16-clamp,fp16-fixed,fixed:{fixed_dir}")
     results = {r.variant: r for r in compare(loaded.model, loaded.tokenizer, SHORT_PROMPTS, names,
                                              calibration=SHORT_PROMPTS, new_tokens=8)}

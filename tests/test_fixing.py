@@ -14,9 +14,10 @@ from halfsafe.planning import make_plan
 from halfsafe.precision import cast_temporarily
 from halfsafe.registry import ARCHITECTURES as REGISTRY
 from halfsafe.registry import architecture_of
-from halfsafe.testing import ARCHITECTURES, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
+SHORT = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)  # what a tiny model needs; see testing.py
 TESTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
           "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "GemmaForCausalLM": "gemma",
           "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text", "Gemma3ForConditionalGeneration": "gemma3"}
@@ -53,7 +54,7 @@ def test_fix_makes_planted_overflow_finite_and_preserves_the_function(arch, plan
         for ref, out in zip(reference, logits(model), strict=True):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
-    fixed, report = fix(model, TOKENIZER)
+    fixed, report = fix(model, TOKENIZER, **SHORT)
     assert report.plan == plan
     assert next(fixed.parameters()).dtype == torch.float16
     for ref, out in zip(reference, logits(fixed), strict=True):
@@ -70,7 +71,7 @@ def test_tied_and_untied_embeddings_are_both_covered():
 def test_model_without_overflow_keeps_scale_one_and_its_weights():
     model = build_tiny_model("qwen3", plant=None)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    fixed, report = fix(model, TOKENIZER)
+    fixed, report = fix(model, TOKENIZER, **SHORT)
     assert report.plan.is_identity and "no rescaling needed" in report.plan.describe()
     for key, value in fixed.state_dict().items():
         assert torch.equal(value, original[key].to(value.dtype)), key
@@ -78,7 +79,7 @@ def test_model_without_overflow_keeps_scale_one_and_its_weights():
 
 def test_eager_attention_overflow_switches_to_sdpa():
     model = build_tiny_model("qwen2", plant="attention", attn_implementation="eager")
-    fixed, report = fix(model, TOKENIZER)
+    fixed, report = fix(model, TOKENIZER, **SHORT)
     assert report.plan.attn_implementation == "sdpa"
     assert fixed.config._attn_implementation == "sdpa"
     assert all(torch.isfinite(x).all() for x in logits(fixed))
@@ -88,7 +89,7 @@ def test_verification_gate_refuses_and_leaves_the_model_untouched():
     model = build_tiny_model("llama", plant="residual")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(VerificationFailed, match="above the bound"):
-        fix(model, TOKENIZER, max_kl=1e-30)
+        fix(model, TOKENIZER, max_kl=1e-30, **SHORT)
     for key, value in model.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, before[key]), key
 
@@ -96,16 +97,14 @@ def test_verification_gate_refuses_and_leaves_the_model_untouched():
 def test_a_bfloat16_target_is_gated_against_bfloat16_without_the_fix():
     # A sound plan: power-of-two scales commute with rounding, so the fixed bf16 model is plain
     # bf16 (measured ratio 1.000) and passes under the bound, plain bf16's KL x 1.25.
-    _, report = fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16,
-                    calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
+    _, report = fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16, **SHORT)
     assert report.max_kl == pytest.approx(1.25 * report.fidelity["bfloat16"].kl_mean)
     assert report.fixed.kl_mean <= report.max_kl
     # A margin that scales the stream by 2^-22 leaves Gemma's (1 + w) gains no bf16 bits for w:
     # all finite, yet 9,300x plain bf16's KL (measured). The old bound, the fixed model's own KL,
     # could not fail here.
     with pytest.raises(VerificationFailed, match=r"above the bound \(.*, bfloat16 without the fix\)"):
-        fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16, margin=1e40,
-            calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
+        fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16, margin=1e40, **SHORT)
 
 
 def test_unknown_architecture_is_a_clear_error():
@@ -147,14 +146,16 @@ def _tree(path):
     return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_dirs, tmp_path, capsys):
+def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_dirs, tmp_path, capsys,
+                                                                          short_prompt_args):
     from halfsafe.cli import main
     from halfsafe.loading import load_model
 
     source = tiny_dirs["gemma3_text", "residual"]
     untouched = _tree(source)
     out = tmp_path / "fixed"
-    assert main(["fix", str(source), "--out", str(out), "--plan-json", str(tmp_path / "plan.json")]) == 0
+    assert main(["fix", str(source), "--out", str(out), "--plan-json", str(tmp_path / "plan.json"),
+                 *short_prompt_args]) == 0
     printed = capsys.readouterr().out
     assert "residual stream x 2^-3" in printed and "float16 fixed (rescale): all finite" in printed
     assert _tree(source) == untouched  # the input is never modified
@@ -169,14 +170,15 @@ def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_di
     assert oct((out / "model.safetensors").stat().st_mode & 0o044) == oct(0o044)
 
     # Loaded in a process without halfsafe, the checkpoint gives the in-memory fixed model's logits.
-    in_memory, _ = fix(load_model(str(source)).model, TOKENIZER)
+    in_memory, _ = fix(load_model(str(source)).model, TOKENIZER, **SHORT)
     reloaded = reload_in_plain_transformers(out, SHORT_PROMPTS, tmp_path)
     for mine, theirs in zip(logits(in_memory), reloaded, strict=True):
         assert torch.isfinite(theirs).all()
         torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
 
 
-def test_cli_fix_refuses_existing_output_and_writes_nothing_on_a_failed_gate(tiny_dirs, tmp_path, capsys):
+def test_cli_fix_refuses_existing_output_and_writes_nothing_on_a_failed_gate(tiny_dirs, tmp_path, capsys,
+                                                                              short_prompt_args):
     from halfsafe.cli import main
 
     source = str(tiny_dirs["llama", "residual"])
@@ -185,11 +187,11 @@ def test_cli_fix_refuses_existing_output_and_writes_nothing_on_a_failed_gate(tin
     assert main(["fix", source, "--out", str(existing)]) == 2
     assert "already exists; choose a new directory or pass --overwrite" in capsys.readouterr().err
 
-    assert main(["fix", source, "--out", str(existing), "--overwrite"]) == 0
+    assert main(["fix", source, "--out", str(existing), "--overwrite", *short_prompt_args]) == 0
     assert (existing / "model.safetensors").exists()
 
     out = tmp_path / "never"
-    assert main(["fix", source, "--out", str(out), "--max-kl", "1e-30"]) == 4
+    assert main(["fix", source, "--out", str(out), "--max-kl", "1e-30", *short_prompt_args]) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing was written" in err[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
@@ -205,7 +207,7 @@ def test_cli_fix_refuses_existing_output_and_writes_nothing_on_a_failed_gate(tin
 def test_keep_fp32_makes_planted_overflow_finite(arch):
     model = build_tiny_model(arch, plant="residual")
     reference = logits(model)
-    fixed, report = fix(model, TOKENIZER, strategy="keep-fp32")
+    fixed, report = fix(model, TOKENIZER, strategy="keep-fp32", **SHORT)
     assert report.strategy == "keep-fp32"
     assert report.plan.kept_layers == [1, 2, 3]  # the planted layer and every layer after it
     assert "second best to rescaling" in report.plan.describe()
@@ -231,20 +233,20 @@ def test_keep_fp32_works_where_the_registry_has_no_entry():
     reference = logits(model)
     with cast_temporarily(model, torch.float16):
         assert not all(torch.isfinite(x).all() for x in logits(model))
-    fixed, report = fix(model, TOKENIZER, strategy="keep-fp32", calibration=SHORT_PROMPTS, heldout=SHORT_PROMPTS)
+    fixed, report = fix(model, TOKENIZER, strategy="keep-fp32", **SHORT)
     assert report.plan.kept_layers == [0, 1]
     for ref, out in zip(reference, logits(fixed), strict=True):
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
 
 
-def test_cli_keep_fp32_reports_without_exporting(tiny_dirs, tmp_path, capsys):
+def test_cli_keep_fp32_reports_without_exporting(tiny_dirs, tmp_path, capsys, short_prompt_args):
     from halfsafe.cli import main
 
     source = str(tiny_dirs["qwen2", "residual"])
     assert main(["fix", source, "--strategy", "keep-fp32", "--out", str(tmp_path / "x")]) == 2
     assert "cannot be exported" in capsys.readouterr().err
-    assert main(["fix", source, "--strategy", "keep-fp32"]) == 0
+    assert main(["fix", source, "--strategy", "keep-fp32", *short_prompt_args]) == 0
     out = capsys.readouterr().out
     assert "plan (keep-fp32): keep 3 layer(s) in fp32 (layers 1-3)" in out and "speed:" in out
     assert main(["fix", source]) == 2
@@ -254,5 +256,5 @@ def test_cli_keep_fp32_reports_without_exporting(tiny_dirs, tmp_path, capsys):
 def test_failed_gate_leaves_the_attention_kernel_as_it_was():
     model = build_tiny_model("qwen2", plant="attention", attn_implementation="eager")
     with pytest.raises(VerificationFailed):
-        fix(model, TOKENIZER, max_kl=1e-30)
+        fix(model, TOKENIZER, max_kl=1e-30, **SHORT)
     assert model.config._attn_implementation == "eager"

@@ -22,6 +22,9 @@ MASSIVE = 1.0e5  # the planted residual value on BOS, past float16's 65,504
 CHANNEL = 5  # the residual channel that carries it
 PLANT_LAYER = 1
 SHORT_PROMPTS = ["The capital of France is", "上海有个非常出名的地方，", "def add(a, b):"]
+# Held-out texts for a tiny model's verification, disjoint from SHORT_PROMPTS: the bundled sets
+# (37 + 16 texts) cost a tiny-model test minutes and add nothing a random model can show.
+SHORT_HELDOUT = ["1 + 1 = 2, and 2 + 2 =", "東京は日本の首都です。", "Once upon a time"]
 
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
