@@ -19,6 +19,7 @@ from halfsafe.guarding import (
     SanitizeLogits,
     guard,
 )
+from halfsafe.hooks import HookSet
 from halfsafe.loading import load_model
 from halfsafe.observing import find_decoder_layers
 from halfsafe.precision import compute_in
@@ -47,7 +48,8 @@ class Fault:
 
     def __init__(self, model, step: int, rows=None, layer: int = 2, thread: int | None = None):
         self.step, self.rows, self.calls, self.thread = step, rows, 0, thread
-        self.handle = find_decoder_layers(model)[1][layer].register_forward_hook(self)
+        self.hooks = HookSet()
+        self.hooks.forward(find_decoder_layers(model)[1][layer], self)
 
     def __call__(self, module, args, output):
         if self.thread is not None and threading.get_ident() != self.thread:
@@ -63,7 +65,7 @@ class Fault:
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        self.hooks.remove()
 
 
 def test_fault_at_step_k_is_recovered_exactly_with_one_event(healthy):

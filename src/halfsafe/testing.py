@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import HalfsafeError
+
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 320  # 3 specials + 256 byte symbols, rounded up
 MASSIVE = 1.0e5  # the planted residual value on BOS, past float16's 65,504
@@ -118,7 +120,7 @@ def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0
         elif plant == "attention":
             _plant_attention_logits(model)
         elif plant is not None:
-            raise ValueError(f"plant must be 'residual', 'interior', 'attention' or None, not {plant!r}")
+            raise HalfsafeError(f"plant must be 'residual', 'interior', 'attention' or None, not {plant!r}")
     return model
 
 
