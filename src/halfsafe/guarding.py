@@ -349,6 +349,8 @@ class GuardedGenerator:
         call = _Call(sanitizer, monitor)
         started = now()
         with HookSet() as hooks:
+            # A forward interrupted by a BaseException (Ctrl-C) skips even always_call hooks.
+            hooks.callback(functools.partial(self._leave_gate, call))
             hooks.pre_forward(self.model, functools.partial(self._before_forward, call))
             # always_call: the gate is left even when the forward raises.
             hooks.forward(self.model, functools.partial(self._after_forward, call), with_kwargs=True,
@@ -370,12 +372,15 @@ class GuardedGenerator:
             self._gate.enter_shared()
             call.sharing = True
 
-    def _after_forward(self, call: _Call, model, args, kwargs, output):
-        if not call.owns(threading.get_ident()):
-            return None  # another thread's forward, or the guard's own re-run
+    def _leave_gate(self, call: _Call) -> None:
         if call.sharing:
             call.sharing = False
             self._gate.leave_shared()
+
+    def _after_forward(self, call: _Call, model, args, kwargs, output):
+        if not call.owns(threading.get_ident()):
+            return None  # another thread's forward, or the guard's own re-run
+        self._leave_gate(call)
         if output is None:  # the forward raised; its error propagates
             return None
         started = time.perf_counter()
