@@ -20,8 +20,15 @@ from .planning import DEFAULT_MARGIN as FIX_MARGIN
 EXIT_UNSAFE = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"halfsafe: error: {' '.join(message.split())}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="halfsafe",
         description="Make LLM generation numerically safe in float16.",
     )
@@ -240,10 +247,11 @@ def run_diagnose(args) -> int:
 
 def run_fix(args) -> int:
     from .dtypes import parse_dtype
-    from .exporting import check_export_target, export_checkpoint
+    from .exporting import check_export_target, export_checkpoint, remove_stale_exports
     from .prompts import read_prompts
     from .reporting import check_output_path, render_fix, write_json
     from .session import fix_with_progress, make_console
+    from .workdirs import describe_removed
 
     dtype = parse_dtype(args.dtype)
     if not args.margin >= 1:
@@ -266,9 +274,14 @@ def run_fix(args) -> int:
     max_memory = _check_layerwise(args)
     if args.layerwise and args.strategy != "rescale":
         raise HalfsafeError("--layerwise writes a rescaled checkpoint; it does not combine with --strategy keep-fp32")
+    removed = remove_stale_exports(args.out) if args.out else []
+    if removed:
+        print(f"halfsafe: {describe_removed(removed)}", file=sys.stderr)
 
     console = make_console()
     if args.layerwise:
+        from safetensors import SafetensorError
+
         from .session import fix_layerwise_with_progress
 
         try:
@@ -278,6 +291,10 @@ def run_fix(args) -> int:
             print("halfsafe: interrupted; nothing is at --out yet; rerun the same command to continue from the "
                   "last completed layer", file=sys.stderr)
             return 130
+        except (OSError, SafetensorError) as exc:  # a full disk, found only while writing
+            raise HalfsafeError(f"the layer-wise fix stopped: {str(exc).splitlines()[0]}; nothing is at --out; "
+                                "remove the cause (a full disk, say) and rerun the same command to continue from the "
+                                "last completed layer") from exc
         render_fix(report, console)
         console.print(f"fixed checkpoint written to {Path(args.out).expanduser().resolve()}", highlight=False)
         if plan_path:
@@ -326,7 +343,7 @@ def run_compare(args) -> int:
 
 
 def run_generate(args) -> int:
-    from .generating import generate_text
+    from .generating import check_generation_args, generate_text
     from .prompts import read_prompts
     from .reporting import check_output_path, render_generation, write_json, write_json_lines
     from .session import load_for_generation, make_console
@@ -341,14 +358,8 @@ def run_generate(args) -> int:
         prompts = []
     if not prompts or not any(p.strip() for p in prompts):
         raise HalfsafeError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
-    if args.max_new_tokens < 1:
-        raise HalfsafeError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.temperature is not None and args.temperature < 0:
-        raise HalfsafeError(f"--temperature {args.temperature} must be 0 or more (0 means greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise HalfsafeError(f"--top-p {args.top_p} must be in (0, 1]")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise HalfsafeError(f"--repetition-penalty {args.repetition_penalty} must be positive (1.0 is none)")
+    check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     to_stdout = args.json_path == "-"
     json_path = check_output_path(args.json_path, "JSON") if args.json_path and not to_stdout else None
     events_path = check_output_path(args.events, "events") if args.events else None
