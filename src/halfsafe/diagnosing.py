@@ -22,6 +22,7 @@ from .observing import (
     ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat, encode, find_decoder_layers, last_logits_only, observe,
 )
 from .precision import cast_temporarily
+from .prompts import check_prompt_lengths
 
 SCHEMA_VERSION = 1
 DEFAULT_MARGIN = 2.0
@@ -133,6 +134,7 @@ def diagnose(
     """
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("diagnose observes in float32; load the model with dtype=torch.float32")
+    check_prompt_lengths(model, tokenizer, prompts, reserve=CONTINUATION_TOKENS, what="prompt")
     recorder = observe(model, tokenizer, prompts, progress=progress)
     reference = greedy_continuation(model, tokenizer, prompts[0])
     confirmations = {target: confirm(model, tokenizer, prompts, target, progress=progress)

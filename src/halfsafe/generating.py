@@ -130,6 +130,7 @@ def generate_text(
     finally:
         tokenizer.padding_side = side
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    max_new_tokens = _fit_new_tokens(model, batch["input_ids"].shape[1], max_new_tokens, advice, notify)
     if seed is not None:
         torch.manual_seed(seed)
     guarded = GuardedGenerator(model, on_nonfinite=on_nonfinite, stop_on_degeneration=stop_on_degeneration)
@@ -149,6 +150,26 @@ def generate_text(
         seconds=seconds,
         advice=advice + guarded.report.advice,
     )
+
+
+def _fit_new_tokens(model: nn.Module, prompt_tokens: int, max_new_tokens: int, advice: list[str], notify) -> int:
+    """A prompt past the model's positions is refused (cutting it would change what is being
+    continued); a generation that would run past them is shortened, with a notice."""
+    from .prompts import max_positions
+
+    positions = max_positions(model)
+    if positions is None or prompt_tokens + max_new_tokens <= positions:
+        return max_new_tokens
+    if prompt_tokens >= positions:
+        raise HalfsafeError(f"the prompt has {prompt_tokens:,} tokens and the model only {positions:,} positions, so "
+                            "nothing could be generated after it; shorten the prompt")
+    room = positions - prompt_tokens
+    line = (f"--max-new-tokens {max_new_tokens} shortened to {room}: the prompt takes {prompt_tokens:,} of the "
+            f"model's {positions:,} positions")
+    advice.append(line)
+    if notify is not None:
+        notify(line)
+    return room
 
 
 def _trim(ids: list[int], tokenizer) -> list[int]:
