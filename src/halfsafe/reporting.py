@@ -19,6 +19,7 @@ from rich.table import Table
 from .diagnosing import Diagnosis
 from .errors import HalfsafeError
 from .observing import ATTN_LOGITS
+from .workdirs import make_work_dir
 
 RISKIEST = 10
 
@@ -108,7 +109,7 @@ def check_parent_writable(path: Path, label: str) -> None:
     if not parent.is_dir():
         raise HalfsafeError(f"{label} '{path}': directory '{parent}' does not exist; create it first")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.halfsafe-check-", dir=parent))
+        os.rmdir(make_work_dir(parent, f".{path.name}.halfsafe"))
     except OSError as exc:
         raise HalfsafeError(f"{label} '{path}': nothing can be created in '{parent}' ({exc.strerror}); "
                             "choose a directory you can write to") from exc

@@ -98,12 +98,14 @@ def byte_tokenizer():
     )
 
 
-def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation=None):
-    """A tiny fp32 model of `arch`; `plant` is 'residual', 'attention' or None."""
+def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation=None,
+                     **config_overrides):
+    """A tiny fp32 model of `arch`; `plant` is 'residual', 'attention' or None; `config_overrides`
+    change its shape (e.g. hidden_size)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch)
+    config = tiny_config(arch, **config_overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     model.eval()
     with torch.no_grad():
@@ -123,6 +125,22 @@ def save_tiny_model(arch: str, directory: str | Path, **kwargs) -> Path:
     directory = Path(directory)
     model = build_tiny_model(arch, **kwargs)
     model.save_pretrained(str(directory))
+    byte_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def save_unregistered_model(directory: str | Path, *, n_positions: int = 64, vocab_size: int = VOCAB) -> Path:
+    """A tiny GPT-2 checkpoint: a real transformers architecture that the registry does not know,
+    with a learned position table of `n_positions` rows (a prompt longer than that has no
+    position embedding) and `vocab_size` embedding rows (below 259 the byte tokenizer's ids
+    overrun it)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+                        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(directory))
     byte_tokenizer().save_pretrained(str(directory))
     return directory
 
