@@ -1,7 +1,9 @@
 """The `halfsafe` command: a thin shell over the library.
 
-Every bad input ends in one line on stderr and a non-zero exit code (2), never a traceback.
-`diagnose --fail-on-unsafe` exits 3 on an unsafe verdict.
+Every bad input ends in one line on stderr and exit code 2, never a traceback, and nothing is
+written; what can be checked (arguments, files, the output location, the tokenizer against the
+model) is checked before the work starts. `diagnose --fail-on-unsafe` exits 3 on an unsafe
+verdict.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="halfsafe",
         description="Make LLM generation numerically safe in float16.",
+        epilog="Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 unsafe verdict with "
+        "diagnose --fail-on-unsafe; 4 fix's verification failed (nothing written); 5 non-finite logits under "
+        "generate --on-nonfinite raise.",
     )
     parser.add_argument("--version", action="version", version=f"halfsafe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "architecture; keeps overflowing layers in fp32; in memory only, reports its cost)")
     _add_model_options(fix)
     _add_calibration_options(fix, FIX_MARGIN, "keep every scaled site this factor below the dtype's maximum")
-    fix.add_argument("--heldout", metavar="FILE", help="verification prompts (default: the bundled held-out set)")
+    fix.add_argument("--heldout", metavar="FILE",
+                     help="verification prompts (default: the bundled held-out set); one longer than the model's "
+                     "positions, less the 32 tokens generated after it, is truncated, with a notice")
     fix.add_argument("--max-kl", type=float, help="gate on this mean KL instead of bfloat16's")
     fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     fix.add_argument("--plan-json", metavar="PATH", help="also write the plan and verification numbers as JSON")
@@ -78,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(compare)
     compare.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                          help="comma-separated: fp32, bf16, fp16, fp16-fixed, fp16-clamp, fixed:DIR")
-    compare.add_argument("--texts", metavar="FILE", help="evaluation texts (default: the bundled held-out set)")
+    compare.add_argument("--texts", metavar="FILE",
+                         help="evaluation texts (default: the bundled held-out set); one longer than the model's "
+                         "positions, less --new-tokens, is truncated, with a notice")
     compare.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared with fp32 (default 32)")
     compare.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     compare.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
@@ -93,12 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(generate)
     source = generate.add_mutually_exclusive_group()
-    source.add_argument("--prompt", metavar="TEXT", help="the prompt (default: read from stdin)")
-    source.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line or JSONL with 'text'; one batch")
+    source.add_argument("--prompt", metavar="TEXT",
+                        help="the prompt (default: read from stdin); one longer than the model's positions is refused")
+    source.add_argument("--prompt-file", metavar="FILE",
+                        help="prompts, one per line or JSONL with 'text'; one batch; the same limit")
     generate.add_argument("--dtype", default="auto",
                           help="auto (by hardware: bfloat16 on compute capability >= 8.0, float16 with the fix below "
                           "it, float32 on CPU), float16, bfloat16 or float32")
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    generate.add_argument("--max-new-tokens", type=int, default=64,
+                          help="default 64; shortened, with a notice, to the model's positions left after the prompt")
     generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     generate.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
     generate.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's)")
@@ -136,7 +148,8 @@ def _add_layerwise_options(parser: argparse.ArgumentParser) -> None:
 def _add_calibration_options(parser: argparse.ArgumentParser, margin: float, margin_help: str) -> None:
     parser.add_argument("--dtype", default="float16", help="target dtype (default float16)")
     parser.add_argument("--prompts", metavar="FILE",
-                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled set)")
+                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled set); "
+                        "one longer than the model's positions is truncated to fit, with a notice")
     parser.add_argument("--margin", type=float, default=margin, help=f"{margin_help} (default {margin:g})")
 
 
