@@ -112,6 +112,8 @@ CASES = {
     "tokenizer past the vocabulary": (["diagnose", "{in}/smallvocab"],
                                       "has ids up to 258 but the model's embedding has 100 rows"),
     "unknown dtype": (["diagnose", "{in}/llama", "--dtype", "float7"], "unknown dtype 'float7'"),
+    "--margin inf": (["fix", "{in}/llama", "--out", "{out}/fixed", "--margin", "inf"],
+                     "--margin inf must be a finite number of at least 1"),
     "existing --out": (["fix", "{in}/llama", "--out", "{in}/existing"], "already exists; choose a new directory"),
     "--out is the input": (["fix", "{in}/llama", "--out", "{in}/llama"], "overlaps the input checkpoint"),
     "--out under a missing directory": (["fix", "{in}/llama", "--out", "{out}/no/fixed"], "does not exist"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -211,6 +212,12 @@ def _load(args, console):
                         attn_implementation=args.attn_implementation)
 
 
+def _check_margin(margin: float) -> None:
+    if not (math.isfinite(margin) and margin >= 1):
+        raise HalfsafeError(f"--margin {margin} must be a finite number of at least 1: a factor below the dtype's "
+                            "maximum; pass e.g. 2")
+
+
 def _check_layerwise(args) -> int | None:
     """The layer-wise options, checked before anything loads; returns --max-memory in bytes."""
     if not args.layerwise:
@@ -232,8 +239,7 @@ def run_diagnose(args) -> int:
 
     # Everything that can be refused is refused before the model loads.
     dtype = parse_dtype(args.dtype)
-    if not args.margin >= 1:
-        raise HalfsafeError(f"--margin {args.margin} must be at least 1 (a factor below the dtype's maximum)")
+    _check_margin(args.margin)
     prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
     json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
     plot_path = check_output_path(args.plot, "plot") if args.plot else None
@@ -267,8 +273,7 @@ def run_fix(args) -> int:
     from .workdirs import describe_removed
 
     dtype = parse_dtype(args.dtype)
-    if not args.margin >= 1:
-        raise HalfsafeError(f"--margin {args.margin} must be at least 1 (a factor below the dtype's maximum)")
+    _check_margin(args.margin)
     if args.max_kl is not None and not args.max_kl > 0:
         raise HalfsafeError(f"--max-kl {args.max_kl} must be a positive number")
     calibration = read_prompts(args.prompts) if args.prompts else None
