@@ -162,7 +162,8 @@ CASES = {
     "unregistered architecture": (["fix", "{in}/gpt2", "--out", "{out}/fixed", "--prompts", "{in}/ok.txt"],
                                   "GPT2LMHeadModel is not in halfsafe's architecture registry"),
     "unregistered architecture, keep-fp32 with --out": (
-        ["fix", "{in}/gpt2", "--strategy", "keep-fp32", "--out", "{out}/fixed"], "--strategy keep-fp32 cannot be exported"),
+        ["fix", "{in}/gpt2", "--strategy", "keep-fp32", "--out", "{out}/fixed"],
+        "--strategy keep-fp32 cannot be exported"),
     "unregistered architecture, --layerwise": (["diagnose", "{in}/gpt2", "--layerwise", "--prompts", "{in}/ok.txt"],
                                                "layer-wise mode cannot run GPT2LMHeadModel"),
 }
@@ -259,7 +260,8 @@ def test_generation_past_the_positions_is_shortened_with_a_notice(inputs, capsys
     assert _run(["generate", str(inputs / "gpt2"), "--prompt", "hello", "--greedy", "--max-new-tokens", "100",
                  "--json", "-"]) == 0
     captured = capsys.readouterr()
-    assert "advice: --max-new-tokens 100 shortened to 58: the prompt takes 6 of the model's 64 positions" in captured.err
+    assert ("advice: --max-new-tokens 100 shortened to 58: the prompt takes 6 of the model's 64 positions"
+            in captured.err)
     assert len(json.loads(captured.out)["tokens"]) <= 58
 
 

@@ -53,7 +53,8 @@ def test_fix_killed_during_export_then_rerun_leaves_one_checkpoint(tmp_path):
     removed = [line for line in rerun.stderr.splitlines() if "left by a run that was killed" in line]
     assert len(removed) == 1 and removed[0].startswith("halfsafe: removed 1 partial directory left by a run that "
                                                        f"was killed: {left[0]} ("), rerun.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed", "model", "prompts.txt"]  # one checkpoint, no hidden folder
+    # One checkpoint, no hidden folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed", "model", "prompts.txt"]
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert list(out.glob("*.safetensors"))
 

@@ -149,8 +149,8 @@ def _add_layerwise_options(parser: argparse.ArgumentParser) -> None:
 def _add_calibration_options(parser: argparse.ArgumentParser, margin: float, margin_help: str) -> None:
     parser.add_argument("--dtype", default="float16", help="target dtype (default float16)")
     parser.add_argument("--prompts", metavar="FILE",
-                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled set); "
-                        "one longer than the model's positions is truncated to fit, with a notice")
+                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled "
+                        "set); one longer than the model's positions is truncated to fit, with a notice")
     parser.add_argument("--margin", type=float, default=margin, help=f"{margin_help} (default {margin:g})")
 
 

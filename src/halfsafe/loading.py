@@ -183,7 +183,9 @@ def _load_dir(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # transformers raises many types; the user needs one line
-        raise HalfsafeError(f"could not load the model in '{path}': {_first_line(exc)}") from exc
+        reason = _first_line(exc).rstrip(".")
+        raise HalfsafeError(f"could not load the model in '{path}': {reason}; if its files are damaged, copy or "
+                            "download them again") from exc
     check_vocabulary(model, tokenizer, path)
     return LoadedModel(model.eval(), tokenizer, name, path)
 
@@ -393,6 +395,10 @@ def _resolve_hub_id(repo_id: str, allow_pickle: bool) -> Path:
         ) from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception's first line, cut at a sentence's end when it is longer than `limit`."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[:end] if end > 0 else text[:limit] + "..."
