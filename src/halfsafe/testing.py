@@ -23,9 +23,11 @@ CHANNEL = 5  # the residual channel that carries it
 PLANT_LAYER = 1
 SHORT_PROMPTS = ["The capital of France is", "上海有个非常出名的地方，", "def add(a, b):"]
 
+# 2,048 positions, as real models have at least: the bundled long passage is 1,160 byte tokens,
+# and a prompt past the model's positions is truncated (command line) or refused (library).
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
     pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
 )
 
