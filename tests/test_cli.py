@@ -57,7 +57,7 @@ def _bad(tmp_path, tiny_dirs, prompts_file):
         "unknown dtype": (["diagnose", model, "--dtype", "float8"], "unknown dtype 'float8'"),
         "empty prompts": (["diagnose", model, "--prompts", str(empty)], "has no prompts"),
         "json into missing dir": (["diagnose", model, "--json", str(tmp_path / "no" / "x.json")], "does not exist"),
-        "bad margin": (["diagnose", model, "--margin", "0.5"], "--margin 0.5 must be at least 1"),
+        "bad margin": (["diagnose", model, "--margin", "0.5"], "--margin 0.5 must be a finite number of at least 1"),
         "bad device": (["diagnose", model, "--device", "tpu", "--prompts", str(prompts_file)], "device"),
     }
 

@@ -62,9 +62,9 @@ def test_generate_prompt_file_is_one_batch(tiny_dirs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1"),
-    (["--top-p", "2"], "--top-p 2.0 must be in (0, 1]"),
-    (["--temperature", "-1"], "--temperature -1.0 must be 0 or more"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 has to be an integer of at least 1"),
+    (["--top-p", "2"], "--top-p 2.0 has to be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature -1.0 has to be a finite number of at least 0"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--chat"], "has no chat template, so it is a base model"),
     (["--events", "/nonexistent/dir/e.jsonl"], "does not exist"),

@@ -1,13 +1,16 @@
 """The `halfsafe` command: a thin shell over the library.
 
-Every bad input ends in one line on stderr and a non-zero exit code (2), never a traceback.
-`diagnose --fail-on-unsafe` exits 3 on an unsafe verdict.
+Every bad input ends in one line on stderr and exit code 2, never a traceback, and nothing is
+written; what can be checked (arguments, files, the output location, the tokenizer against the
+model) is checked before the work starts. `diagnose --fail-on-unsafe` exits 3 on an unsafe
+verdict.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,10 +23,20 @@ from .planning import PLANNING_MARGIN as FIX_MARGIN
 EXIT_UNSAFE = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"halfsafe: error: {' '.join(message.split())}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="halfsafe",
         description="Make LLM generation numerically safe in float16.",
+        epilog="Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 3 unsafe verdict with "
+        "diagnose --fail-on-unsafe; 4 fix's verification failed (nothing written); 5 non-finite logits under "
+        "generate --on-nonfinite raise.",
     )
     parser.add_argument("--version", action="version", version=f"halfsafe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -54,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "architecture; keeps overflowing layers in fp32; in memory only, reports its cost)")
     _add_model_options(fix)
     _add_calibration_options(fix, FIX_MARGIN, "keep every scaled site this factor below the dtype's maximum")
-    fix.add_argument("--heldout", metavar="FILE", help="verification prompts (default: the bundled held-out set)")
+    fix.add_argument("--heldout", metavar="FILE",
+                     help="verification prompts (default: the bundled held-out set); one longer than the model's "
+                     "positions, less the 32 tokens generated after it, is truncated, with a notice")
     fix.add_argument("--max-kl", type=float, help="gate on this mean KL instead of bfloat16's")
     fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     fix.add_argument("--plan-json", metavar="PATH", help="also write the plan and verification numbers as JSON")
@@ -71,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(compare)
     compare.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                          help="comma-separated: fp32, bf16, fp16, fp16-fixed, fp16-clamp, fixed:DIR")
-    compare.add_argument("--texts", metavar="FILE", help="evaluation texts (default: the bundled held-out set)")
+    compare.add_argument("--texts", metavar="FILE",
+                         help="evaluation texts (default: the bundled held-out set); one longer than the model's "
+                         "positions, less --new-tokens, is truncated, with a notice")
     compare.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared with fp32 (default 32)")
     compare.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     compare.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
@@ -86,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(generate)
     source = generate.add_mutually_exclusive_group()
-    source.add_argument("--prompt", metavar="TEXT", help="the prompt (default: read from stdin)")
-    source.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line or JSONL with 'text'; one batch")
+    source.add_argument("--prompt", metavar="TEXT",
+                        help="the prompt (default: read from stdin); one longer than the model's positions is refused")
+    source.add_argument("--prompt-file", metavar="FILE",
+                        help="prompts, one per line or JSONL with 'text'; one batch; the same limit")
     generate.add_argument("--dtype", default="auto",
                           help="auto (by hardware: bfloat16 on compute capability >= 8.0, float16 with the fix below "
                           "it, float32 on CPU), float16, bfloat16 or float32")
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    generate.add_argument("--max-new-tokens", type=int, default=64,
+                          help="default 64; shortened, with a notice, to the model's positions left after the prompt")
     generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     generate.add_argument("--temperature", type=float, help="sampling temperature (default: the model's)")
     generate.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's)")
@@ -129,7 +149,8 @@ def _add_layerwise_options(parser: argparse.ArgumentParser) -> None:
 def _add_calibration_options(parser: argparse.ArgumentParser, margin: float, margin_help: str) -> None:
     parser.add_argument("--dtype", default="float16", help="target dtype (default float16)")
     parser.add_argument("--prompts", metavar="FILE",
-                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled set)")
+                        help="calibration prompts: text, one per line, or JSONL with 'text' (default: the bundled "
+                        "set); one longer than the model's positions is truncated to fit, with a notice")
     parser.add_argument("--margin", type=float, default=margin, help=f"{margin_help} (default {margin:g})")
 
 
@@ -191,6 +212,12 @@ def _load(args, console):
                         attn_implementation=args.attn_implementation)
 
 
+def _check_margin(margin: float) -> None:
+    if not (math.isfinite(margin) and margin >= 1):
+        raise HalfsafeError(f"--margin {margin} must be a finite number of at least 1: a factor below the dtype's "
+                            "maximum; pass e.g. 2")
+
+
 def _check_layerwise(args) -> int | None:
     """The layer-wise options, checked before anything loads; returns --max-memory in bytes."""
     if not args.layerwise:
@@ -212,8 +239,7 @@ def run_diagnose(args) -> int:
 
     # Everything that can be refused is refused before the model loads.
     dtype = parse_dtype(args.dtype)
-    if not args.margin >= 1:
-        raise HalfsafeError(f"--margin {args.margin} must be at least 1 (a factor below the dtype's maximum)")
+    _check_margin(args.margin)
     prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
     json_path = check_output_path(args.json_path, "JSON") if args.json_path else None
     plot_path = check_output_path(args.plot, "plot") if args.plot else None
@@ -240,14 +266,14 @@ def run_diagnose(args) -> int:
 
 def run_fix(args) -> int:
     from .dtypes import parse_dtype
-    from .exporting import check_export_target, export_checkpoint
+    from .exporting import check_export_target, export_checkpoint, remove_stale_exports
     from .prompts import read_prompts
     from .reporting import check_output_path, render_fix, write_json
     from .session import fix_with_progress, make_console
+    from .workdirs import describe_removed
 
     dtype = parse_dtype(args.dtype)
-    if not args.margin >= 1:
-        raise HalfsafeError(f"--margin {args.margin} must be at least 1 (a factor below the dtype's maximum)")
+    _check_margin(args.margin)
     if args.max_kl is not None and not args.max_kl > 0:
         raise HalfsafeError(f"--max-kl {args.max_kl} must be a positive number")
     calibration = read_prompts(args.prompts) if args.prompts else None
@@ -266,9 +292,14 @@ def run_fix(args) -> int:
     max_memory = _check_layerwise(args)
     if args.layerwise and args.strategy != "rescale":
         raise HalfsafeError("--layerwise writes a rescaled checkpoint; it does not combine with --strategy keep-fp32")
+    removed = remove_stale_exports(args.out) if args.out else []
+    if removed:
+        print(f"halfsafe: {describe_removed(removed)}", file=sys.stderr)
 
     console = make_console()
     if args.layerwise:
+        from safetensors import SafetensorError
+
         from .session import fix_layerwise_with_progress
 
         try:
@@ -278,6 +309,10 @@ def run_fix(args) -> int:
             print("halfsafe: interrupted; nothing is at --out yet; rerun the same command to continue from the "
                   "last completed layer", file=sys.stderr)
             return 130
+        except (OSError, SafetensorError) as exc:  # a full disk, found only while writing
+            raise HalfsafeError(f"the layer-wise fix stopped: {str(exc).splitlines()[0]}; nothing is at --out; "
+                                "remove the cause (a full disk, say) and rerun the same command to continue from the "
+                                "last completed layer") from exc
         render_fix(report, console)
         console.print(f"fixed checkpoint written to {Path(args.out).expanduser().resolve()}", highlight=False)
         if plan_path:
@@ -326,7 +361,7 @@ def run_compare(args) -> int:
 
 
 def run_generate(args) -> int:
-    from .generating import generate_text
+    from .generating import check_generation_args, generate_text
     from .prompts import read_prompts
     from .reporting import check_output_path, render_generation, write_json, write_json_lines
     from .session import load_for_generation, make_console
@@ -341,14 +376,8 @@ def run_generate(args) -> int:
         prompts = []
     if not prompts or not any(p.strip() for p in prompts):
         raise HalfsafeError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
-    if args.max_new_tokens < 1:
-        raise HalfsafeError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.temperature is not None and args.temperature < 0:
-        raise HalfsafeError(f"--temperature {args.temperature} must be 0 or more (0 means greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise HalfsafeError(f"--top-p {args.top_p} must be in (0, 1]")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise HalfsafeError(f"--repetition-penalty {args.repetition_penalty} must be positive (1.0 is none)")
+    check_generation_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     to_stdout = args.json_path == "-"
     json_path = check_output_path(args.json_path, "JSON") if args.json_path and not to_stdout else None
     events_path = check_output_path(args.events, "events") if args.events else None

@@ -113,12 +113,15 @@ def compare(
     progress=None,
 ) -> list[VariantResult]:
     """Every variant against `model` (fp32) on `texts`."""
-    from .prompts import bundled_prompts
+    from .prompts import bundled_prompts, check_prompt_lengths
     from .verifying import measure_fidelity
 
     if next(model.parameters()).dtype != torch.float32:
         raise HalfsafeError("compare's reference is float32; load the model with dtype=torch.float32")
-    variants = build_variants(model, tokenizer, names, calibration=calibration or bundled_prompts(), margin=margin)
+    calibration = calibration or bundled_prompts()
+    check_prompt_lengths(model, tokenizer, texts, reserve=new_tokens, what="text")
+    check_prompt_lengths(model, tokenizer, calibration, what="calibration prompt")
+    variants = build_variants(model, tokenizer, names, calibration=calibration, margin=margin)
     fidelity = measure_fidelity(model, tokenizer, texts, variants, new_tokens=new_tokens, progress=progress)
     results = []
     for name, variant in variants.items():

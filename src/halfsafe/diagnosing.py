@@ -31,6 +31,7 @@ from .observing import (
     observe,
 )
 from .precision import cast_temporarily
+from .prompts import check_prompt_lengths
 
 SCHEMA_VERSION = 1
 # diagnose: a site whose headroom is below this factor is `at-risk` (a warning, not a change).
@@ -143,6 +144,7 @@ def diagnose(
     """
     if next(model.parameters()).dtype != torch.float32:
         raise HalfsafeError("diagnose observes in float32; load the model with dtype=torch.float32")
+    check_prompt_lengths(model, tokenizer, prompts, reserve=CONTINUATION_TOKENS, what="prompt")
     recorder = observe(model, tokenizer, prompts, progress=progress)
     reference = greedy_continuation(model, tokenizer, prompts[0])
     confirmations = {target: confirm(model, tokenizer, prompts, target, progress=progress)

@@ -2,19 +2,22 @@
 
 Written into a temporary directory beside the target and renamed at the end: an interrupted
 run leaves nothing at the target, and an existing target is replaced only with `overwrite`.
+The temporary directory is named for its process (`workdirs`), so one left by a killed run is
+recognised and removed by the next (`remove_stale_exports`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import HalfsafeError
 from .reporting import check_parent_writable
+from .workdirs import make_work_dir, remove_stale_work_dirs
 
 
 def check_export_target(out: str | Path, *, overwrite: bool, source: Path | None = None) -> Path:
@@ -37,14 +40,33 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite
     """save_pretrained (safetensors shards, config with its `halfsafe` block, generation config)
     plus the tokenizer, into a temporary sibling, then renamed to `out`."""
     out = check_export_target(out, overwrite=overwrite)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.halfsafe-", dir=out.parent))
+    work = None
     try:
+        work = make_work_dir(out.parent, f".{out.name}.halfsafe")
         model.save_pretrained(str(work), max_shard_size="2GB")
         tokenizer.save_pretrained(str(work))
         publish(work, out)
+    except (OSError, SafetensorError) as exc:  # a full disk, a vanished directory: found only while writing
+        raise HalfsafeError(f"could not write the checkpoint to --out '{out}': {_reason(exc)}; nothing was "
+                            "written there; free some space or choose another directory") from exc
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def remove_stale_exports(out: str | Path) -> list[tuple[Path, int]]:
+    """Remove the temporary directories that killed runs left beside `out` (never the
+    layer-wise resume state); returns them with their sizes."""
+    out = Path(out).expanduser().resolve()
+    return [*remove_stale_work_dirs(out.parent, f".{out.name}.halfsafe"),
+            *remove_stale_work_dirs(out.parent, f".{out.name}.old")]
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def publish(directory: Path, out: Path) -> None:
@@ -52,7 +74,7 @@ def publish(directory: Path, out: Path) -> None:
     replacing an existing `out` only once the new one is complete."""
     _ordinary_permissions(directory)
     if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        trash = make_work_dir(out.parent, f".{out.name}.old")
         os.replace(out, trash / out.name)
         os.replace(directory, out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -19,7 +19,7 @@ from .keeping import KeepPlan, apply_keep_fp32, plan_keep_fp32, use_keep_fp32
 from .observing import SiteStat, encode, find_decoder_layers, observe
 from .planning import PLANNING_MARGIN, Plan, make_plan
 from .precision import cast_temporarily
-from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+from .prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_lengths
 from .registry import architecture_of
 from .timing import now
 from .verifying import Fidelity, measure_fidelity
@@ -101,6 +101,8 @@ def fix(
     arch = architecture_of(model) if strategy == "rescale" else None
     calibration = calibration or bundled_prompts(CALIBRATION)
     heldout = heldout or bundled_prompts(HELDOUT)
+    check_prompt_lengths(model, tokenizer, calibration, what="calibration prompt")
+    check_prompt_lengths(model, tokenizer, heldout, reserve=VERIFY_TOKENS if verify else 0, what="held-out prompt")
     if observation is None:
         observation = observe(model, tokenizer, calibration, progress=progress).sites()
     if strategy == "rescale":

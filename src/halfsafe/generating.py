@@ -6,6 +6,7 @@ The command line streams one prompt's tokens as they come; the library returns a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,34 @@ class Generation:
         }
 
 
+def check_generation_args(*, max_new_tokens: int = DEFAULT_NEW_TOKENS, temperature: float | None = None,
+                          top_p: float | None = None, top_k: int | None = None,
+                          repetition_penalty: float | None = None, seed: int | None = None) -> None:
+    """Refuse an out-of-range argument before anything loads, as transformers' own processors
+    would after (`top_k` has to be a strictly positive integer ...), but with the fix."""
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise HalfsafeError(f"--max-new-tokens {max_new_tokens} has to be an integer of at least 1: it is the number "
+                            "of tokens to generate; pass e.g. 64")
+    if temperature is not None and not (finite(temperature) and temperature >= 0):
+        raise HalfsafeError(f"--temperature {temperature} has to be a finite number of at least 0: the logits are "
+                            "divided by it before sampling; pass e.g. 0.7, or 0 (or --greedy) for greedy decoding")
+    if top_p is not None and not (finite(top_p) and 0 < top_p <= 1):
+        raise HalfsafeError(f"--top-p {top_p} has to be in (0, 1]: it is the probability mass kept for sampling, and "
+                            "0 keeps no token; pass e.g. 0.9, or 1 to keep every token")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
+        raise HalfsafeError(f"--top-k {top_k} has to be an integer of at least 0: it is the number of most likely "
+                            "tokens sampling keeps; pass e.g. 50, or 0 to keep every token")
+    if repetition_penalty is not None and not (finite(repetition_penalty) and repetition_penalty > 0):
+        raise HalfsafeError(f"--repetition-penalty {repetition_penalty} has to be a finite number above 0: the "
+                            "logits of tokens already present are divided by it; pass e.g. 1.1, or 1.0 for none")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise HalfsafeError(f"--seed {seed} has to be an integer from 0 to 2**64 - 1 (torch's seed range); "
+                            "pass e.g. 0")
+
+
 def chat_prompt(tokenizer, text: str, name: str) -> str:
     """`text` as one user turn in the model's chat template, ready for generation."""
     if not getattr(tokenizer, "chat_template", None):
@@ -77,8 +106,8 @@ def generate_text(
 ) -> Generation:
     """Generate a continuation of every prompt (one batch, left-padded) under the guard.
     `notify(line)` hears each piece of advice before generation starts."""
-    if max_new_tokens < 1:
-        raise HalfsafeError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    check_generation_args(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty, seed=seed)
     config = model.generation_config
     sampling = dict(
         do_sample=not greedy,
@@ -101,6 +130,7 @@ def generate_text(
     finally:
         tokenizer.padding_side = side
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    max_new_tokens = _fit_new_tokens(model, batch["input_ids"].shape[1], max_new_tokens, advice, notify)
     if seed is not None:
         torch.manual_seed(seed)
     guarded = GuardedGenerator(model, on_nonfinite=on_nonfinite, stop_on_degeneration=stop_on_degeneration)
@@ -120,6 +150,26 @@ def generate_text(
         seconds=seconds,
         advice=advice + guarded.report.advice,
     )
+
+
+def _fit_new_tokens(model: nn.Module, prompt_tokens: int, max_new_tokens: int, advice: list[str], notify) -> int:
+    """A prompt past the model's positions is refused (cutting it would change what is being
+    continued); a generation that would run past them is shortened, with a notice."""
+    from .prompts import max_positions
+
+    positions = max_positions(model)
+    if positions is None or prompt_tokens + max_new_tokens <= positions:
+        return max_new_tokens
+    if prompt_tokens >= positions:
+        raise HalfsafeError(f"the prompt has {prompt_tokens:,} tokens and the model only {positions:,} positions, so "
+                            "nothing could be generated after it; shorten the prompt")
+    room = positions - prompt_tokens
+    line = (f"--max-new-tokens {max_new_tokens} shortened to {room}: the prompt takes {prompt_tokens:,} of the "
+            f"model's {positions:,} positions")
+    advice.append(line)
+    if notify is not None:
+        notify(line)
+    return room
 
 
 def _trim(ids: list[int], tokenizer) -> list[int]:

@@ -239,6 +239,13 @@ class LayerwiseModel:
                 self.model(**batch, use_cache=False, **last_logits_only(self.model))
             except _Stop:
                 pass
+            except NotImplementedError as exc:  # a weight other than the input embedding, still on meta
+                if "meta" not in str(exc):
+                    raise
+                raise HalfsafeError(
+                    f"layer-wise mode cannot run {type(self.model).__name__}: its forward reads weights besides the "
+                    "input embedding before the first layer (a position table, say); drop --layerwise"
+                ) from exc
         return first[0], calls
 
     def run_layer(self, index: int, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:

@@ -14,6 +14,7 @@ when loaded, so they are refused unless the caller passes `allow_pickle=True`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -107,7 +108,11 @@ def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> None:
     """Refuse a directory that is not a loadable safetensors checkpoint, before loading anything."""
     if not (path / "config.json").is_file():
         raise HalfsafeError(f"'{path}' has no config.json, so it is not a Hugging Face checkpoint directory")
-    if any(path.glob("*.safetensors")):
+    _check_config(path / "config.json")
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        for shard in shards:
+            check_safetensors(shard)
         return
     pickles = sorted(p.name for p in path.glob("*.bin"))
     if pickles and not allow_pickle:
@@ -123,6 +128,41 @@ def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> None:
     raise HalfsafeError(f"'{path}' has a config.json but no weights (*.safetensors); it is not a usable checkpoint")
 
 
+def _check_config(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HalfsafeError(f"'{path}' is not valid JSON ({_first_line(exc)}); restore it from where the model came "
+                            "from") from exc
+    if not isinstance(config, dict):
+        raise HalfsafeError(f"'{path}' holds a JSON {type(config).__name__}, not an object of settings; restore it "
+                            "from where the model came from")
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors all lie inside the file.
+
+    A copy cut short (a full disk, an interrupted download) is refused here with its sizes,
+    before transformers reports 'incomplete metadata' from deep inside loading.
+    """
+    fix = "copy or download it again"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length)) if 8 + length <= size else None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise HalfsafeError(f"'{path}' is not a valid safetensors file ({_first_line(exc)}); {fix}") from exc
+    if size < 8 or header is None:
+        raise HalfsafeError(f"'{path}' is truncated: {size:,} bytes, too short for its own header; {fix}")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise HalfsafeError(f"'{path}' has a malformed safetensors header; {fix}") from exc
+    if 8 + length + end > size:
+        raise HalfsafeError(f"'{path}' is truncated: {size:,} of {8 + length + end:,} bytes; {fix}")
+
+
 def _load_dir(
     path: Path,
     name: str,
@@ -134,29 +174,63 @@ def _load_dir(
     from transformers import AutoModelForCausalLM
 
     check_checkpoint_dir(path, allow_pickle)
+    # The tokenizer first: it loads in a moment, and a checkpoint without one is refused before
+    # the weights are read.
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # transformers raises many types; the user needs one line
-        raise HalfsafeError(f"could not load the model in '{path}': {_first_line(exc)}") from exc
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        reason = _first_line(exc).rstrip(".")
+        raise HalfsafeError(f"could not load the model in '{path}': {reason}; if its files are damaged, copy or "
+                            "download them again") from exc
+    check_vocabulary(model, tokenizer, path)
     return LoadedModel(model.eval(), tokenizer, name, path)
+
+
+# Files from which transformers builds a tokenizer (tokenizers' JSON, SentencePiece, BPE
+# vocabulary and merges, WordPiece, tiktoken).
+_TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "merges.txt", "vocab.txt", "*.tiktoken", "tekken.json")
 
 
 def load_tokenizer(path: Path, *, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    fix = (f"copy the tokenizer files (tokenizer.json and tokenizer_config.json) of the model it was made from into "
+           f"'{path}', e.g. AutoTokenizer.from_pretrained(BASE).save_pretrained('{path}')")
+    found = [] if gguf_file else sorted({p.name for pattern in _TOKENIZER_FILES for p in path.glob(pattern)})
+    if not gguf_file and not found and not trust_remote_code:
+        raise HalfsafeError(f"'{path}' has no tokenizer: none of {', '.join(_TOKENIZER_FILES)} is there; {fix}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
     except Exception as exc:
-        raise HalfsafeError(f"could not load a tokenizer from '{path}': {_first_line(exc)}") from exc
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+        source = f" (from {', '.join(found)})" if found else ""
+        raise HalfsafeError(f"could not load the tokenizer in '{path}'{source}: {reason}; {fix}") from exc
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; its positions are masked
     return tokenizer
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, path: Path) -> None:
+    """Refuse a tokenizer that produces ids the model has no embedding for.
+
+    Such an id fails inside the embedding lookup (`IndexError: index out of range in self`)
+    on the first prompt that contains it; a model with more rows than the tokenizer has ids
+    (padded vocabularies) is normal.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= rows:
+        raise HalfsafeError(
+            f"the tokenizer in '{path}' has ids up to {largest:,} but the model's embedding has {rows:,} rows, so "
+            f"any text with a token id of {rows:,} or more would fail inside the model; use the tokenizer that "
+            "belongs to this checkpoint (or resize the model's embeddings to the tokenizer)"
+        )
 
 
 # --- BOS -----------------------------------------------------------------------------------
@@ -238,6 +312,7 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype, extra: dict) -> Loaded
     _forget_gguf_quantization(model)
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     ensure_bos(tokenizer, header["add_bos_token"])
+    check_vocabulary(model, tokenizer, path)
     return LoadedModel(model.eval(), tokenizer, name, path.parent)
 
 
@@ -320,6 +395,10 @@ def _resolve_hub_id(repo_id: str, allow_pickle: bool) -> Path:
         ) from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception's first line, cut at a sentence's end when it is longer than `limit`."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[:end] if end > 0 else text[:limit] + "..."

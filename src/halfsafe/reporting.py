@@ -19,6 +19,7 @@ from rich.table import Table
 from .diagnosing import Diagnosis
 from .errors import HalfsafeError
 from .observing import ATTN_LOGITS
+from .workdirs import make_work_dir
 
 RISKIEST = 10
 
@@ -97,11 +98,21 @@ def check_output_path(path: str | Path, what: str) -> Path:
 
 
 def check_parent_writable(path: Path, label: str) -> None:
-    """The directory an output is created in must exist and be writable."""
-    if not path.parent.is_dir():
-        raise HalfsafeError(f"{label} '{path}': directory '{path.parent}' does not exist; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise HalfsafeError(f"{label} '{path}': directory '{path.parent}' is not writable")
+    """The directory an output is created in must exist and take a new entry.
+
+    Tried for real (a directory made and removed) rather than asked of `os.access`, which
+    answers yes for root on /proc and /sys, where creating anything fails.
+    """
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise HalfsafeError(f"{label} '{path}': '{parent}' is a file, not a directory; choose another location")
+    if not parent.is_dir():
+        raise HalfsafeError(f"{label} '{path}': directory '{parent}' does not exist; create it first")
+    try:
+        os.rmdir(make_work_dir(parent, f".{path.name}.halfsafe"))
+    except OSError as exc:
+        raise HalfsafeError(f"{label} '{path}': nothing can be created in '{parent}' ({exc.strerror}); "
+                            "choose a directory you can write to") from exc
 
 
 def _atomic_write(path: Path, write) -> None:

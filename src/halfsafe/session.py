@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -96,19 +97,36 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
         notes.append("the checkpoint is already fixed by halfsafe")
     if fix:
         from .fixing import fix as fix_model
+        from .prompts import bundled_prompts
 
         try:
+            calibration = fit_to_model(loaded.model, loaded.tokenizer, bundled_prompts(), what="calibration prompts")
             with console.status("fixing for float16 (observe, plan, rescale) ..."):
-                fix_model(loaded.model, loaded.tokenizer, dtype=wanted, verify=False)
+                fix_model(loaded.model, loaded.tokenizer, dtype=wanted, calibration=calibration, verify=False)
         except HalfsafeError as exc:
             loaded.model.to(wanted)
             notes.append(f"not fixed ({exc}); running plain float16, the guard recovers overflowing steps")
     return loaded, notes
 
 
+def fit_to_model(model, tokenizer, prompts: list[str], *, reserve: int = 0, what: str) -> list[str]:
+    """The prompts cut to the model's positions (less `reserve` generated tokens), with a
+    notice on stderr when any was cut: the command line truncates where the library refuses."""
+    from .prompts import fit_prompts
+
+    fitted, notice = fit_prompts(model, tokenizer, prompts, reserve=reserve, what=what)
+    if notice:
+        print(f"halfsafe: note: {notice}", file=sys.stderr)
+    return fitted
+
+
 def diagnose_with_progress(
     loaded: LoadedModel, prompts: list[str], dtype: torch.dtype, margin: float, console: Console
 ) -> Diagnosis:
+    from .diagnosing import CONTINUATION_TOKENS
+
+    prompts = fit_to_model(loaded.model, loaded.tokenizer, prompts, reserve=CONTINUATION_TOKENS,
+                           what="calibration prompts")
     also = tuple(d for d in (torch.bfloat16,) if d != dtype)
     passes = len(prompts) * (2 + len(also))  # the fp32 observation, then one confirmation per dtype
     with progress_bar(console, f"diagnosing for {dtype_name(dtype)}", passes) as advance:
@@ -119,11 +137,14 @@ def diagnose_with_progress(
 
 
 def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
-    from .fixing import fix
+    from .fixing import VERIFY_TOKENS, fix
     from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 
-    kwargs["calibration"] = kwargs.get("calibration") or bundled_prompts(CALIBRATION)
-    kwargs["heldout"] = kwargs.get("heldout") or bundled_prompts(HELDOUT)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    kwargs["calibration"] = fit_to_model(model, tokenizer, kwargs.get("calibration") or bundled_prompts(CALIBRATION),
+                                         what="calibration prompts")
+    kwargs["heldout"] = fit_to_model(model, tokenizer, kwargs.get("heldout") or bundled_prompts(HELDOUT),
+                                     reserve=VERIFY_TOKENS, what="held-out prompts")
     observing = 0 if kwargs.get("observation") is not None else len(kwargs["calibration"])
     passes = observing + len(kwargs["heldout"]) + 1  # observation, verification, greedy run
     with progress_bar(console, "fixing", passes) as advance:
@@ -132,10 +153,15 @@ def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
 
 def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str], names: list[str], **kwargs):
     from .comparing import compare
+    from .prompts import bundled_prompts
 
+    model, tokenizer = loaded.model, loaded.tokenizer
+    texts = fit_to_model(model, tokenizer, texts, reserve=kwargs.get("new_tokens", 32), what="texts")
+    kwargs["calibration"] = fit_to_model(model, tokenizer, kwargs.get("calibration") or bundled_prompts(),
+                                         what="calibration prompts")
     passes = len(texts) + len(names)  # one forward per text for every variant, then greedy per variant
     with progress_bar(console, "comparing", passes) as advance:
-        return compare(loaded.model, loaded.tokenizer, texts, names, progress=advance, **kwargs)
+        return compare(model, tokenizer, texts, names, progress=advance, **kwargs)
 
 
 # -- layer-wise ------------------------------------------------------------------------------
@@ -144,18 +170,20 @@ def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str
 def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
     """MODEL's skeleton and tokenizer, for the layer-wise path."""
     from .layerwise_fix import open_layerwise
-    from .loading import load_tokenizer, resolve_checkpoint_dir
+    from .loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
 
     target = resolve_device(args.device)
     quiet_transformers()
     announce_demo_build(args.model, console)
     path = resolve_checkpoint_dir(args.model, allow_pickle=False)
+    tokenizer = load_tokenizer(path, trust_remote_code=args.trust_remote_code)
     lm = open_layerwise(path, device=target, max_memory=max_memory, trust_remote_code=args.trust_remote_code,
                         attn_implementation=args.attn_implementation)
+    check_vocabulary(lm.model, tokenizer, path)
     unit, size = lm.largest_unit()
     console.print(f"layer-wise: {lm.num_layers} layers; the largest unit ({unit}) takes {format_bytes(size)} in fp32",
                   highlight=False)
-    return lm, load_tokenizer(path, trust_remote_code=args.trust_remote_code)
+    return lm, tokenizer
 
 
 def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str], dtype: torch.dtype,
@@ -163,6 +191,7 @@ def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str],
     from .layerwise_fix import diagnose_layerwise
 
     lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
+    prompts = fit_to_model(lm.model, tokenizer, prompts, what="calibration prompts")
     also = tuple(d for d in (torch.bfloat16,) if d != dtype)
     with progress_bar(console, "diagnosing layer by layer", lm.num_layers * (2 + len(also))) as advance:
         return diagnose_layerwise(lm, tokenizer, prompts, dtype=dtype, also=also, margin=args.margin,
@@ -172,7 +201,13 @@ def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str],
 def fix_layerwise_with_progress(args, console: Console, *, max_memory: int | None, **kwargs):
     from .layerwise_fix import fix_layerwise
 
+    from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+
     lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
+    kwargs["calibration"] = fit_to_model(lm.model, tokenizer, kwargs.get("calibration") or bundled_prompts(CALIBRATION),
+                                         what="calibration prompts")
+    kwargs["heldout"] = fit_to_model(lm.model, tokenizer, kwargs.get("heldout") or bundled_prompts(HELDOUT),
+                                     what="held-out prompts")
     verify = not args.no_verify
     steps = lm.num_layers * (2 if verify else 1) + lm.num_layers + 1  # observe, verify, export (+ outer unit)
     with progress_bar(console, "fixing layer by layer", steps) as advance:

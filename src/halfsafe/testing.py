@@ -28,9 +28,11 @@ SHORT_PROMPTS = ["The capital of France is", "上海有个非常出名的地方�
 # (37 + 16 texts) cost a tiny-model test minutes and add nothing a random model can show.
 SHORT_HELDOUT = ["1 + 1 = 2, and 2 + 2 =", "東京は日本の首都です。", "Once upon a time"]
 
+# 2,048 positions, as real models have at least: the bundled long passage is 1,160 byte tokens,
+# and a prompt past the model's positions is truncated (command line) or refused (library).
 _COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
     pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
 )
 
@@ -104,12 +106,14 @@ def byte_tokenizer():
     )
 
 
-def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation=None):
-    """A tiny fp32 model of `arch`; `plant` is 'residual', 'attention' or None."""
+def build_tiny_model(arch: str, *, plant: str | None = "residual", seed: int = 0, attn_implementation=None,
+                     **config_overrides):
+    """A tiny fp32 model of `arch`; `plant` is 'residual', 'attention' or None; `config_overrides`
+    change its shape (e.g. hidden_size)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch)
+    config = tiny_config(arch, **config_overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     model.eval()
     with torch.no_grad():
@@ -129,6 +133,22 @@ def save_tiny_model(arch: str, directory: str | Path, **kwargs) -> Path:
     directory = Path(directory)
     model = build_tiny_model(arch, **kwargs)
     model.save_pretrained(str(directory))
+    byte_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def save_unregistered_model(directory: str | Path, *, n_positions: int = 64, vocab_size: int = VOCAB) -> Path:
+    """A tiny GPT-2 checkpoint: a real transformers architecture that the registry does not know,
+    with a learned position table of `n_positions` rows (a prompt longer than that has no
+    position embedding) and `vocab_size` embedding rows (below 259 the byte tokenizer's ids
+    overrun it)."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+                        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(directory))
     byte_tokenizer().save_pretrained(str(directory))
     return directory
 
