@@ -1,0 +1,196 @@
+"""Walk a trace backwards from a value to the parameters that scale it.
+
+`scalers(trace, node)` answers: which parameters, each multiplied by s, multiply this value by
+s (and change nothing else)? The walk goes back through ops that are linear in one operand -
+shape changes, casts, sums, products with something independent, additions (all terms), a
+MoE's scatter of expert outputs into a zero buffer - and stops at the first op where a
+parameter enters linearly:
+- `linear(x, W, b)`, `addmm(b, x, W)`, a matmul or einsum with a parameter: W (and b) * s;
+- `embedding(ids, W)`: W * s (a token or learned position embedding);
+- a gain, `g * y` or `(c + g) * y` (RMSNorm, Gemma's `1 + w`, a layer scale): the effective gain
+  `c + g` * s, so `g' = s * (c + g) - c` (the convention is read from the traced ops, not the class);
+- `layer_norm(x, w, b)`: w and b * s.
+A value that no parameter scales (a constant added, a norm without a gain, an op not listed)
+raises `Unscalable` naming the op and its module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tracing import ADD, CAT, DIV, MUL, SHAPE, Trace
+
+ZEROS = {"zeros", "zeros_like", "new_zeros", "empty", "empty_like", "new_empty", "zero"}
+LINEAR = {"linear", "addmm", "matmul", "mm", "bmm", "einsum", "grouped_mm", "baddbmm"}
+EMBED = {"embedding"}
+NORM = {"layer_norm", "rms_norm", "group_norm"}
+# Linear in their first argument (for scaling purposes: sums and means keep the scale).
+BACK_PASS = SHAPE | {"sum", "mean", "neg", "index_select", "gather", "masked_fill", "pad", "repeat_interleave"}
+# Writes into an existing buffer: the old contents and the new values must all scale.
+ASSIGN = {"setitem", "index_add", "index_copy", "index_put", "scatter_add", "masked_scatter", "scatter", "copy"}
+ATTENTION = {"scaled_dot_product_attention"}
+
+
+class Unscalable(Exception):
+    def __init__(self, reason: str, module: str):
+        super().__init__(f"{reason} (in {module or 'the model'})")
+        self.reason = reason
+        self.module = module
+
+
+@dataclass(frozen=True)
+class Scaling:
+    param: str  # a parameter name, as in named_parameters()
+    offset: float  # the gain convention: the op uses (offset + param)
+    op: int  # the node that consumes the parameter (its use is accounted for)
+
+
+def param_of(trace: Trace, n: int) -> tuple[str, list[int]] | None:
+    """The parameter a value is (through shape changes and casts), and the nodes in between."""
+    chain = []
+    while n not in trace.params:
+        node = trace.nodes[n]
+        if node.op not in SHAPE | {"index_select"} or not node.inputs:
+            return None
+        chain.append(n)
+        n = node.inputs[0]
+    return trace.params[n], chain
+
+
+def gain_of(trace: Trace, n: int) -> tuple[str, float, list[int]] | None:
+    """A parameter used as a gain: `g` or `c + g` with a number c (Gemma's `1 + w`)."""
+    found = param_of(trace, n)
+    if found:
+        return found[0], 0.0, found[1]
+    node = trace.nodes[n]
+    if node.op in {"add", "radd"} and len(node.inputs) == 1:
+        numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        found = param_of(trace, node.inputs[0])
+        if found and len(numbers) == 1:
+            return found[0], float(numbers[0]), found[1] + [n]
+    return None
+
+
+def _floating(trace: Trace, n: int) -> bool:
+    out = trace.nodes[n].out
+    return isinstance(out, torch.Tensor) and out.is_floating_point()
+
+
+def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None) -> list[Scaling]:
+    """The scalings that multiply node `n`'s value by s. `top`: `n` may itself be tagged as
+    the stream (a layer's input whose producer is being looked for)."""
+    memo = {} if memo is None else memo
+    if n in memo:
+        return memo[n]
+    if not top and n in trace.stream:
+        raise Unscalable("the value loops back to the residual stream", trace.nodes[n].module)
+    result = _scalers(trace, n, memo)
+    memo[n] = result
+    return result
+
+
+def _linear_params(trace: Trace, node, n: int) -> list[Scaling] | None:
+    """The parameter operands of a linear op (weight, then bias), or None if the weight is not one."""
+    tensors = [i for i in node.inputs if _floating(trace, i)]
+    if node.op == "linear":
+        weight_bias = tensors[1:]
+    elif node.op in {"addmm", "baddbmm"}:
+        weight_bias = tensors[2:] + tensors[:1]
+    else:
+        weight_bias = [i for i in tensors if param_of(trace, i)][:1]
+    if not weight_bias or not param_of(trace, weight_bias[0]):
+        return None
+    found = [param_of(trace, i) for i in weight_bias]
+    if not all(found):
+        return None
+    return [Scaling(name, 0.0, n) for name, _ in found]
+
+
+def _scalers(trace: Trace, n: int, memo: dict) -> list[Scaling]:
+    if n in trace.params:
+        return [Scaling(trace.params[n], 0.0, n)]
+    node = trace.nodes[n]
+    op, module = node.op, node.module
+    inputs = [i for i in node.inputs if _floating(trace, i)]
+
+    def walk(i: int) -> list[Scaling]:
+        return scalers(trace, i, top=False, memo=memo)
+
+    def first_of(candidates: list[int]) -> list[Scaling]:
+        errors = []
+        for i in candidates:
+            try:
+                return walk(i)
+            except Unscalable as error:
+                errors.append(error)
+        raise errors[0] if errors else Unscalable(f"'{op}' has no operand to scale", module)
+
+    if op == "leaf":
+        raise Unscalable("a constant or buffer that no parameter scales", module)
+    if op in ZEROS or (op == "fill" and node.args[1:2] == (0,)):
+        return []
+    if op in EMBED:
+        found = param_of(trace, inputs[0]) if inputs else None
+        if not found:
+            raise Unscalable("an embedding whose table is not a parameter", module)
+        return [Scaling(found[0], 0.0, n)]
+    if op in LINEAR:
+        params = _linear_params(trace, node, n)
+        if params is not None:
+            return params
+        return first_of(inputs[::-1])  # e.g. probs @ v: the value side
+    if op in NORM:
+        params = [param_of(trace, i) for i in inputs[1:]]
+        if not params or not all(params):
+            raise Unscalable(f"'{op}' has no gain parameter to scale", module)
+        return [Scaling(name, 0.0, n) for name, _ in params]
+    if op in MUL:
+        if len(inputs) == 1:
+            return walk(inputs[0])
+        for i in inputs:
+            gain = gain_of(trace, i)
+            if gain:
+                return [Scaling(gain[0], gain[1], gain[2][-1] if gain[2] else n)]
+        return first_of(inputs)
+    if op in DIV and inputs and isinstance(node.args[0], torch.Tensor) and node.inputs[0] == inputs[0]:
+        return walk(inputs[0])
+    if op in ADD:
+        numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and a != 0]
+        if numbers:
+            raise Unscalable(f"'{op}' adds a constant ({numbers[0]}), which does not scale", module)
+        return [s for i in inputs for s in walk(i)]
+    if op in CAT:
+        return [s for i in inputs for s in walk(i)]
+    if op in ASSIGN:
+        parts = inputs[1:] if op == "copy" else inputs
+        return [s for i in parts for s in walk(i)]
+    if op in BACK_PASS and inputs:
+        return walk(inputs[0])
+    raise Unscalable(f"'{op}' is not linear in a parameter", module)
+
+
+def producer(trace: Trace, n: int, depth: int = 0) -> int | None:
+    """The linear op (with a parameter weight) whose output reaches node `n` through ops that
+    are linear in it: for `down_proj`'s input `act(gate) * up`, the `up` projection; for
+    `o_proj`'s input `softmax(q k^T) v`, the `v` projection. None if there is none."""
+    if depth > 64 or n in trace.stream or n in trace.params:
+        return None
+    node = trace.nodes[n]
+    inputs = [i for i in node.inputs if _floating(trace, i)]
+    if node.op in LINEAR and _linear_params(trace, node, n) is not None:
+        return n
+    if node.op in ATTENTION and len(inputs) >= 3:
+        candidates = [inputs[2]]
+    elif node.op in MUL | LINEAR:
+        candidates = inputs
+    elif node.op in BACK_PASS | DIV | CAT and inputs:
+        candidates = inputs[:1]
+    else:
+        return None
+    for i in candidates:
+        found = producer(trace, i, depth + 1)
+        if found is not None:
+            return found
+    return None
