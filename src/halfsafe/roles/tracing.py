@@ -132,6 +132,8 @@ class _Recorder(TorchFunctionMode):
 
     def _tag(self, index: int, name: str, args, inputs: list[int], results) -> None:
         trace = self.trace
+        if name in SHAPE and inputs:
+            inputs = inputs[:1]  # `y.type_as(x)`, `y.view_as(x)`: the second tensor lends only metadata
         streamed = [i for i in inputs if i in trace.stream]
         derived = any(i in trace.derived for i in inputs)
         if not streamed:
