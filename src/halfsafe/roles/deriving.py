@@ -188,16 +188,20 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
             try:
                 found = scalers(trace, trace.call_inputs[name], top=False)
             except Unscalable as error:
-                roles.refusals.append(f"{name} shares the config's eps with the stream's readers, so its input "
-                                      f"must scale with it, but cannot: {error}")
+                # In memory each module keeps its own eps, so the rescaled model stays exact; a
+                # checkpoint has one value per field, so an export cannot be.
+                roles.export_blockers.append(f"{name} shares the config's eps with the stream's readers but its "
+                                             f"input cannot scale: {error}")
                 continue
             require(found, 1, f"eps companion {name}")
             roles.eps.append((name, attr))
             roles.companions.append(name)
+    if roles.export_blockers:
+        roles.config_eps = []
     missing = [f"{m}.{a}" for m, a in roles.eps if getattr(model.get_submodule(m), a) not in shared]
     if missing:
-        roles.notes.append(f"eps not stored in the config (an exported checkpoint would reload it unscaled): "
-                           f"{', '.join(missing)}")
+        roles.export_blockers.append(f"eps not stored in the config (an exported checkpoint would reload it "
+                                     f"unscaled): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
 
 
 def _uses(trace: Trace) -> dict[str, list[int]]:

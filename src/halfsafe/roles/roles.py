@@ -25,6 +25,7 @@ class Roles:
     companions: list[str] = field(default_factory=list)  # non-reading norms sharing the readers' eps
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, consumer) inside a sublayer
     refusals: list[str] = field(default_factory=list)
+    export_blockers: list[str] = field(default_factory=list)  # exact in memory, not as a checkpoint
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -57,5 +58,6 @@ class Roles:
                  f"{len(self.scales)} scaled parameter(s), eps x s^2 in {len(self.eps)} module(s)"
                  + (f" and config {', '.join(self.config_eps)}" if self.config_eps else "")]
         lines += [f"  refused: {r}" for r in self.refusals]
+        lines += [f"  export not exact: {n}" for n in self.export_blockers]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
