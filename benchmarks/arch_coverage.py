@@ -89,9 +89,9 @@ def measure(model_type: str) -> dict:
     row = {"type": model_type}
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if getattr(CONFIG_MAPPING[model_type](), "is_encoder_decoder", False):
-        return dict(row, status="skipped", reason="encoder-decoder")
     try:
+        if getattr(CONFIG_MAPPING[model_type](), "is_encoder_decoder", False):
+            return dict(row, status="skipped", reason="encoder-decoder")
         model = tiny_model(model_type)
     except Exception as error:  # noqa: BLE001 - a type transformers cannot build tiny is recorded, not fatal
         return dict(row, status="not built", reason=_one_line(error))

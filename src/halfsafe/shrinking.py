@@ -45,7 +45,7 @@ SIZES = {
     "first_k_dense_replace": 1, "moe_layer_freq": 1, "decoder_sparse_step": 1, "mlp_only_layers": [],
     "rotary_dim": 8, "rotary_emb_base": 10000, "partial_rotary_factor": 0.5,
     "num_nextn_predict_layers": 0, "image_size": 32, "patch_size": 16,
-    "attn_logit_softcapping": None, "use_cache": False, "tie_word_embeddings": None,
+    "attn_logit_softcapping": None, "initializer_range": 0.2, "use_cache": False, "tie_word_embeddings": None,
 }
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "image_token_id", "image_token_index", "video_token_id", "boi_token_id", "eoi_token_id")
@@ -122,7 +122,8 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
     hidden = model.get_input_embeddings().weight.shape[1]
     params = dict(model.named_parameters())
     rows = [(name, offset) for name, (exponent, offset) in roles.scales.items()
-            if exponent == 1 and name.startswith(f"{layers_path}.0.") and params[name].shape[0] == hidden]
+            if exponent == 1 and name.startswith(f"{layers_path}.0.") and params[name].shape[0] == hidden
+            and name.rsplit(".", 1)[0] in roles.writers]
     if not rows:
         return 0.0
     name, offset = rows[-1]  # the last writer of the layer: its MLP (or MLP post-norm)

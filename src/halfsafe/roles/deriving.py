@@ -50,7 +50,24 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
     needs: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # param -> op -> exponent
     offsets: dict[str, float] = {}
 
+    uses = _uses(trace)
+
+    def use_of(scaling: Scaling) -> int:
+        """The op that consumes the parameter, past any cast or view the walk stopped at."""
+        if scaling.op in uses[scaling.param]:
+            return scaling.op
+        frontier = [scaling.op]
+        while frontier:
+            n = frontier.pop()
+            for c in trace.consumers.get(n, []):
+                if c in uses[scaling.param]:
+                    return c
+                if trace.nodes[c].op in SHAPE:
+                    frontier.append(c)
+        return scaling.op
+
     def require(scalings: list[Scaling], exponent: int, why: str) -> bool:
+        scalings = [Scaling(x.param, x.offset, use_of(x)) for x in scalings]
         for s in {(x.param, x.op): x for x in scalings}.values():
             if offsets.setdefault(s.param, s.offset) != s.offset:
                 roles.refusals.append(f"{s.param} is used as a gain with offsets {offsets[s.param]:g} and "
@@ -61,7 +78,8 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
 
     containers = {layers_path, ""} | {f"{layers_path}.{i}" for i in range(len(layers))}
     containers |= {layers_path.rsplit(".", i)[0] for i in range(1, layers_path.count(".") + 1)}
-    _writers(trace, roles, require)
+    reading = {module for _, module in trace.reads} - containers
+    _writers(trace, roles, require, reading)
     _readers(model, trace, roles, require, containers)
     _companions(model, trace, roles, require)
     _side_uses(trace, roles, needs, require)
@@ -79,9 +97,12 @@ def default_probe_ids(model: nn.Module, tokens: int = 16) -> torch.Tensor:
     return (torch.arange(tokens, device=device) * 7 + 1).remainder(vocab)[None]
 
 
-def _writers(trace: Trace, roles: Roles, require) -> None:
+def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
+    """Walk every write back to its parameters. An addition inside a module that itself reads
+    the stream (LayerNorm's `x - mean(x)`) is part of that reader, probed as a whole, not a write."""
     memo: dict = {}
-    sources = [(operand, False) for _, operand in trace.writes] + [(node, True) for node, _ in trace.starts]
+    sources = [(operand, False) for add, operand in trace.writes if trace.nodes[add].module not in reading]
+    sources += [(node, True) for node, _ in trace.starts]
     for operand, is_start in sources:
         try:
             found = scalers(trace, operand, top=is_start, memo=memo)
@@ -185,6 +206,8 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
         for attr, value in vars(module).items():
             if not (isinstance(value, float) and "eps" in attr.lower() and value in shared):
                 continue
+            if not _depends_on(module, trace, name, attr):
+                continue  # kept only to build a child (a mixer's `layer_norm_epsilon`), never read
             try:
                 found = scalers(trace, trace.call_inputs[name], top=False)
             except Unscalable as error:
@@ -204,12 +227,27 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
                                      f"unscaled): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
 
 
+def _depends_on(module: nn.Module, trace: Trace, name: str, attr: str) -> bool:
+    """Does `module`'s output on its recorded input change when `attr` changes?"""
+    args, kwargs = trace.calls[name]
+    old = getattr(module, attr)
+    with torch.no_grad():
+        reference = first_tensor(module(*args, **kwargs))
+        try:
+            setattr(module, attr, old + 1e3)
+            changed = first_tensor(module(*args, **kwargs))
+        finally:
+            setattr(module, attr, old)
+    return reference is not None and changed is not None and not torch.equal(reference, changed)
+
+
 def _uses(trace: Trace) -> dict[str, list[int]]:
     """Parameter -> the ops that consume it (through shape changes and casts)."""
     consumers: dict[int, list[int]] = defaultdict(list)
     for index, node in enumerate(trace.nodes):
         for i in node.inputs:
             consumers[i].append(index)
+    trace.consumers = consumers
     uses: dict[str, list[int]] = defaultdict(list)
     for leaf, name in trace.params.items():
         frontier = [leaf]
@@ -228,14 +266,12 @@ def _side_uses(trace: Trace, roles: Roles, needs, require, rounds: int = 3) -> N
     for _ in range(rounds):
         pending = []
         for param, per_op in list(needs.items()):
-            total = {sum(per_op.values())} if per_op else set()
             exponent = next(iter(per_op.values())) if len(set(per_op.values())) == 1 else None
             if exponent in (None, 0):
                 continue
             for op in uses.get(param, []):
                 if op not in per_op:
                     pending.append((param, op, exponent))
-            del total
         if not pending:
             return
         for param, op, exponent in pending:
@@ -296,8 +332,6 @@ def _pairs(trace: Trace) -> list[tuple[str, str]]:
     """(producer, consumer) linear pairs inside a sublayer: the consumer writes the stream and
     the producer's output reaches it linearly (MLP up -> down, attention v -> o)."""
     pairs = []
-    writer_ops = {trace.nodes[operand] for _, operand in trace.writes} if False else None
-    del writer_ops
     for _, operand in trace.writes:
         try:
             found = scalers(trace, operand, top=False)

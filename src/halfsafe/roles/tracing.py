@@ -79,6 +79,7 @@ class Trace:
     used: set[str] = field(default_factory=set)  # parameter names some op consumed
     latest: dict[int, int] = field(default_factory=dict)  # id(tensor) -> node id of its current value
     keep: list = field(default_factory=list)  # holds every tensor seen, so ids are never reused
+    consumers: dict[int, list[int]] = field(default_factory=dict)  # node -> nodes using it (after the run)
 
     def node_of(self, tensor) -> int | None:
         return self.latest.get(id(tensor))

@@ -9,7 +9,8 @@ parameter enters linearly:
 - `embedding(ids, W)`: W * s (a token or learned position embedding);
 - a gain, `g * y` or `(c + g) * y` (RMSNorm, Gemma's `1 + w`, a layer scale): the effective gain
   `c + g` * s, so `g' = s * (c + g) - c` (the convention is read from the traced ops, not the class);
-- `layer_norm(x, w, b)`: w and b * s.
+- `layer_norm(x, w, b)`: w and b * s;
+- attention, `softmax(q k^T) v`, is linear in v: the walk continues into v.
 A value that no parameter scales (a constant added, a norm without a gain, an op not listed)
 raises `Unscalable` naming the op and its module.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tracing import ADD, CAT, DIV, MUL, SHAPE, Trace
+from .tracing import ADD, CAT, DIV, MUL, SHAPE, Trace, first_tensor
 
 ZEROS = {"zeros", "zeros_like", "new_zeros", "empty", "empty_like", "new_empty", "zero"}
 LINEAR = {"linear", "addmm", "matmul", "mm", "bmm", "einsum", "grouped_mm", "baddbmm"}
@@ -74,8 +75,8 @@ def gain_of(trace: Trace, n: int) -> tuple[str, float, list[int]] | None:
 
 
 def _floating(trace: Trace, n: int) -> bool:
-    out = trace.nodes[n].out
-    return isinstance(out, torch.Tensor) and out.is_floating_point()
+    out = first_tensor(trace.nodes[n].out)  # split / chunk give a tuple
+    return out is not None and out.is_floating_point()
 
 
 def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None) -> list[Scaling]:
@@ -168,6 +169,8 @@ def _scalers(trace: Trace, n: int, memo: dict) -> list[Scaling]:
         return [s for i in parts for s in walk(i)]
     if op in BACK_PASS and inputs:
         return walk(inputs[0])
+    if op in ATTENTION and len(inputs) >= 3:
+        return walk(inputs[2])  # softmax(q k^T) v is linear in v
     raise Unscalable(f"'{op}' is not linear in a parameter", module)
 
 
