@@ -1,0 +1,142 @@
+"""Roles derived from the model: they match the registry where it exists, they pass the exactness
+gate on every covered architecture, and the gate fails when a role is removed."""
+
+import copy
+
+import pytest
+import torch
+
+from halfsafe.applying import scale_factors
+from halfsafe.observing import find_decoder_layers
+from halfsafe.planning import Plan, power_of_two_scale
+from halfsafe.registry import architecture_of
+from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, exactness_gate
+from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model
+from halfsafe.testing import ARCHITECTURES, build_tiny_model
+
+S = 2.0**-3
+PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 33, 44, 55]])]
+
+
+def _kl(reference, other) -> float:
+    logp, logq = reference.log_softmax(-1), other.log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean().item()
+
+
+def _logits(model, dtype):
+    variant = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        return torch.cat([variant(input_ids=ids, use_cache=False).logits.float()[0] for ids in PROMPTS])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_derived_roles_equal_the_registry_and_are_bit_exact(arch):
+    """Today's nine: the derived scales are the registry's, so `fix` keeps its numbers (the demo's
+    exported weights stay byte-identical), and the rescaled fp32 logits are torch.equal."""
+    model = build_tiny_model(arch)
+    roles = derive_roles(model)
+    assert not roles.refused, roles.refusals
+    plan = Plan(architecture=arch, dtype="float16", margin=4.0, residual_scale=S)
+    registry = {name: (e.factor, e.offset) for name, e in scale_factors(model, architecture_of(model), plan).items()
+                if e.factor != 1.0}
+    assert roles.factors(S) == registry
+    gate = exactness_gate(model, roles, PROMPTS)
+    assert gate.passed and gate.equal, gate.describe()
+
+
+# The issue's must-cover types that pass the gate with float16 finite after and a KL below
+# bfloat16's (docs/architectures.md has every type; refused ones are tested below).
+COVERED = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "gpt_oss", "glm4", "glm4_moe", "phi3", "mixtral",
+           "ministral3", "granite", "cohere2", "smollm3", "llama4_text", "lfm2", "nemotron_h",
+           "gpt2", "gpt_neox", "falcon", "phi", "starcoder2", "exaone4", "olmo2", "olmo3"]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    cache = {}
+
+    def build(model_type):
+        if model_type not in cache:
+            model = tiny_model(model_type)
+            path, layers = find_decoder_layers(model)
+            assert plant_massive_activation(model, layers, path, derive_roles(model)) > 65504
+            cache[model_type] = model
+        return cache[model_type]
+
+    return build
+
+
+@pytest.mark.parametrize("model_type", COVERED)
+def test_derived_roles_fix_a_planted_overflow_exactly(planted, model_type):
+    model = planted(model_type)
+    roles = derive_roles(model)
+    assert not roles.refused, roles.refusals
+    gate = exactness_gate(model, roles, PROMPTS)
+    assert gate.passed, gate.describe()
+    reference = _logits(model, torch.float32)
+    assert not torch.isfinite(_logits(model, torch.float16)).all()  # the plant overflows plain float16
+    peak = max(reference.abs().max().item(), 1e5)
+    fixed = apply_roles(copy.deepcopy(model), roles, power_of_two_scale(peak, 65504 / 4))
+    after = _logits(fixed, torch.float16)
+    assert torch.isfinite(after).all()
+    # bf16 keeps 8 mantissa bits to fp16's 11: on every covered type the fixed fp16 KL measured
+    # 10-1000x below bf16's (docs/architectures.md), so "below" has a wide margin.
+    assert _kl(reference, after) < _kl(reference, _logits(model, torch.bfloat16))
+
+
+def test_the_gate_fails_when_a_writer_is_removed():
+    model = build_tiny_model("llama")
+    roles = derive_roles(model)
+    broken = roles.without("model.layers.1.mlp.down_proj")
+    assert broken.scales != roles.scales
+    gate = exactness_gate(model, broken, PROMPTS)
+    assert not gate.passed
+    # A missing writer adds an unscaled term to an s-scaled sum: off by far more than rounding.
+    assert gate.relative > 1e3 * EXACT_BOUND
+    assert gate.culprit is not None and gate.culprit.startswith("model.layers.")
+    assert "keep-fp32" in gate.describe() and "position" in gate.describe()
+
+
+def test_the_gate_fails_when_a_reader_is_left_uncompensated():
+    """OLMo 2 feeds the raw stream to q/k/v and gate/up: dropping their 1/s is caught."""
+    model = tiny_model("olmo2")
+    roles = derive_roles(model)
+    assert roles.readers["model.layers.0.mlp.up_proj"] == "linear: weight x 1/s"
+    broken = roles.without("model.layers.0.mlp.up_proj")
+    gate = exactness_gate(model, broken, PROMPTS)
+    assert not gate.passed and gate.culprit.startswith("model.layers.0.mlp")
+
+
+def test_roles_are_a_plain_value():
+    roles = derive_roles(build_tiny_model("gemma3_text"))
+    again = Roles.from_json(roles.to_json())
+    assert again == roles
+    assert "model.layers.0.post_feedforward_layernorm.weight" in roles.scales
+    assert roles.scales["model.layers.0.post_feedforward_layernorm.weight"] == [1, 1.0]  # Gemma's (1 + w)
+    assert roles.scales["model.norm.weight"] == [-1, 1.0]  # tied embedding: the final norm takes 1/s
+    assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") not in roles.pairs  # post-norm writer
+    llama = derive_roles(build_tiny_model("llama"))
+    assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") in llama.pairs
+    assert ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj") in llama.pairs
+
+
+def test_deriving_leaves_the_model_unchanged():
+    model = build_tiny_model("qwen3")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eps = [m.variance_epsilon for m in model.modules() if hasattr(m, "variance_epsilon")]
+    roles = derive_roles(model)
+    exactness_gate(model, roles, PROMPTS)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert eps == [m.variance_epsilon for m in model.modules() if hasattr(m, "variance_epsilon")]
+
+
+def test_real_demo_roles_are_the_registry_and_bit_exact(demo):
+    roles = derive_roles(demo.model)
+    assert not roles.refused
+    plan = Plan(architecture="gemma3", dtype="float16", margin=4.0, residual_scale=S)
+    registry = {n: (e.factor, e.offset) for n, e in scale_factors(demo.model, architecture_of(demo.model), plan).items()
+                if e.factor != 1.0}
+    assert roles.factors(S) == registry
+    ids = [demo.tokenizer(text, return_tensors="pt").input_ids for text in ("The capital of France is", "上海有个")]
+    gate = exactness_gate(demo.model, roles, ids)
+    assert gate.equal, gate.describe()  # NUMERICS.md section 7: torch.equal on the real model
