@@ -43,7 +43,7 @@ SIZES = {
     "linear_conv_kernel_dim": 4, "conv_L_cache": 3, "block_dim": 64, "block_ff_dim": 128,
     "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 256, "num_kv_shared_layers": 0,
     "first_k_dense_replace": 1, "moe_layer_freq": 1, "decoder_sparse_step": 1, "mlp_only_layers": [],
-    "rotary_dim": 8, "rotary_emb_base": 10000, "partial_rotary_factor": 0.5,
+    "rotary_dim": 8, "rotary_emb_base": 10000,
     "num_nextn_predict_layers": 0, "image_size": 32, "patch_size": 16,
     "attn_logit_softcapping": None, "initializer_range": 0.2, "use_cache": False, "tie_word_embeddings": None,
 }
@@ -88,15 +88,14 @@ def shrink_config(config, depth: int = LAYERS):
     for name, value in list(vars(config).items()):
         if isinstance(value, list) and original and len(value) == original["depth"] and len(value) > depth:
             setattr(config, name, _cut(value, depth))
+    if "qk_rope_head_dim" in vars(config) and "head_dim" in vars(config):
+        config.head_dim = config.qk_rope_head_dim  # multi-head latent attention: rotary tables span the rope part
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int):
         for field in TOKEN_FIELDS:
             token = getattr(config, field, None)
             if isinstance(token, int) and token >= vocab:
                 setattr(config, field, min(2 + TOKEN_FIELDS.index(field), vocab - 1))
-    for name in ("rope_scaling",):
-        if isinstance(getattr(config, name, None), dict) and "original_max_position_embeddings" in getattr(config, name):
-            setattr(config, name, None)
     return config
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .roles import Roles
 from .tracing import SHAPE, Trace, first_tensor, trace_model
-from .walking import LINEAR, Scaling, Unscalable, _linear_params, param_of, producer, scalers
+from .walking import LINEAR, Scaling, Unscalable, _linear_params, exclusive_scalers, param_of, producer, scalers
 
 PROBE_SCALE = 2.0**-3
 
@@ -209,7 +209,7 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
             if not _depends_on(module, trace, name, attr):
                 continue  # kept only to build a child (a mixer's `layer_norm_epsilon`), never read
             try:
-                found = scalers(trace, trace.call_inputs[name], top=False)
+                found = exclusive_scalers(trace, trace.call_inputs[name])
             except Unscalable as error:
                 # In memory each module keeps its own eps, so the rescaled model stays exact; a
                 # checkpoint has one value per field, so an export cannot be.
@@ -280,7 +280,7 @@ def _side_uses(trace: Trace, roles: Roles, needs, require, rounds: int = 3) -> N
                 params = _linear_params(trace, node, op)
                 if params and params[0].param == param:
                     try:
-                        found = scalers(trace, node.inputs[0], top=False)
+                        found = exclusive_scalers(trace, node.inputs[0])
                     except Unscalable as error:
                         roles.refusals.append(f"{param} is scaled as a writer and also read by "
                                               f"{node.module or 'the model'}, which cannot be compensated: {error}")

@@ -79,15 +79,41 @@ def _floating(trace: Trace, n: int) -> bool:
     return out is not None and out.is_floating_point()
 
 
-def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None) -> list[Scaling]:
+def exclusive_scalers(trace: Trace, n: int) -> list[Scaling]:
+    """`scalers`, but only if nothing else reads what gets scaled: Qwen3.5's q_proj gives both
+    the query (into q_norm) and an output gate (into a sigmoid), so scaling it for the query's
+    sake would change the gate. Raises Unscalable naming the other reader."""
+    visited: set[int] = set()
+    found = scalers(trace, n, top=False, visited=visited)
+    for v in visited - {n}:
+        frontier = [v]
+        while frontier:
+            u = frontier.pop()
+            for c in trace.consumers.get(u, []):
+                node = trace.nodes[c]
+                if c in visited or (node.op in SHAPE and node.inputs[:1] != [u]):
+                    continue  # on the path, or `y.type_as(u)`: metadata only
+                if node.op in SHAPE:
+                    frontier.append(c)  # a view of the value: whoever reads it reads the value
+                else:
+                    raise Unscalable(f"'{trace.nodes[v].op}' output is also read by '{node.op}'", node.module)
+    return found
+
+
+def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None,
+            visited: set | None = None) -> list[Scaling]:
     """The scalings that multiply node `n`'s value by s. `top`: `n` may itself be tagged as
-    the stream (a layer's input whose producer is being looked for)."""
+    the stream (a layer's input whose producer is being looked for). `visited` collects the
+    nodes the walk went through."""
     memo = {} if memo is None else memo
+    if visited is not None:
+        visited.add(n)
+        memo = {}  # every node on the path must be seen
     if n in memo:
         return memo[n]
     if not top and n in trace.stream:
         raise Unscalable("the value loops back to the residual stream", trace.nodes[n].module)
-    result = _scalers(trace, n, memo)
+    result = _scalers(trace, n, memo, visited)
     memo[n] = result
     return result
 
@@ -109,7 +135,7 @@ def _linear_params(trace: Trace, node, n: int) -> list[Scaling] | None:
     return [Scaling(name, 0.0, n) for name, _ in found]
 
 
-def _scalers(trace: Trace, n: int, memo: dict) -> list[Scaling]:
+def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None) -> list[Scaling]:
     if n in trace.params:
         return [Scaling(trace.params[n], 0.0, n)]
     node = trace.nodes[n]
@@ -117,7 +143,7 @@ def _scalers(trace: Trace, n: int, memo: dict) -> list[Scaling]:
     inputs = [i for i in node.inputs if _floating(trace, i)]
 
     def walk(i: int) -> list[Scaling]:
-        return scalers(trace, i, top=False, memo=memo)
+        return scalers(trace, i, top=False, memo=memo, visited=visited)
 
     def first_of(candidates: list[int]) -> list[Scaling]:
         errors = []
