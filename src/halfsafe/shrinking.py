@@ -125,15 +125,25 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
             and name.rsplit(".", 1)[0] in roles.writers]
     if not rows:
         return 0.0
-    name, offset = rows[-1]  # the last writer of the layer: its MLP (or MLP post-norm)
-    param = params[name]
+    for name, offset in reversed(rows):  # the last writers first: the MLP (or its post-norm)
+        reached = _scale_row(model, layers[1], params[name], offset)
+        if reached > 65504:
+            return reached
+    return reached
+
+
+def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: float) -> float:
+    """Scale entry CHANNEL of `param` (a gain, a bias, or a weight row) until the stream entering
+    `probe` reaches MASSIVE there; returns the value reached."""
     seen = []
-    handle = layers[1].register_forward_pre_hook(
+    handle = probe.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()),
         with_kwargs=True)
     ids = torch.tensor([[BOS, 7, 8, 9]])
     try:
         with torch.no_grad():
+            if not bool((param[CHANNEL] + offset).abs().max() > 0):
+                param[CHANNEL] = 1.0 - offset  # a zero-initialised bias: give it something to scale
             for _ in range(3):
                 seen.clear()
                 model(input_ids=ids, use_cache=False)
