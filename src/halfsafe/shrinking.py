@@ -80,7 +80,7 @@ def shrink_config(config, depth: int = LAYERS):
                     if name in getattr(type(config), "sub_configs", {}) else value)
     for name, value in SIZES.items():
         if name in vars(config) and name != "tie_word_embeddings":
-            current = getattr(config, name)
+            current = vars(config)[name]  # not getattr: a per-layer attribute refuses global reads
             if value is None or current is None or isinstance(current, type(value)):
                 if isinstance(current, list) and name == "mlp_only_layers":
                     value = []

@@ -47,6 +47,14 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
         input_ids = default_probe_ids(model)
     trace = trace_model(model, input_ids, layers)
     roles = Roles(model_class=type(model).__name__)
+    starts = _start_scalings(trace, roles)
+    if starts:
+        # What leads to the first layer (the embedding times Gemma's normaliser, plus position
+        # embeddings) scales too; other ops may read it before the first layer (Gemma 4's
+        # per-layer projection reads the embeddings). A second run tags that path as the
+        # stream from where it is made, so those readers are found like any other.
+        seeds = frozenset(n for _, path in starts for n in path)
+        trace = trace_model(model, input_ids, layers, seeds=seeds)
     needs: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # param -> op -> exponent
     offsets: dict[str, float] = {}
 
@@ -79,6 +87,9 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
     containers = {layers_path, ""} | {f"{layers_path}.{i}" for i in range(len(layers))}
     containers |= {layers_path.rsplit(".", i)[0] for i in range(1, layers_path.count(".") + 1)}
     reading = {module for _, module in trace.reads} - containers
+    for found, _ in starts:
+        require(found, 1, "stream start")
+        roles.writers.extend(m for m in dict.fromkeys(s.param.rsplit(".", 1)[0] for s in found) if m not in roles.writers)
     _writers(trace, roles, require, reading)
     _readers(model, trace, roles, require, containers)
     _companions(model, trace, roles, require)
@@ -97,12 +108,27 @@ def default_probe_ids(model: nn.Module, tokens: int = 16) -> torch.Tensor:
     return (torch.arange(tokens, device=device) * 7 + 1).remainder(vocab)[None]
 
 
+def _start_scalings(trace: Trace, roles: Roles) -> list[tuple[list[Scaling], set[int]]]:
+    """For each value that enters a decoder layer untagged (the first layer's input): the
+    parameters that scale it, and the nodes on the way (the values that scale with it)."""
+    found = []
+    for node, layer in trace.starts:
+        visited: set[int] = set()
+        try:
+            scalings = scalers(trace, node, top=True, visited=visited)
+        except Unscalable as error:
+            roles.refusals.append(f"what enters {layer} cannot be scaled: {error}")
+            continue
+        found.append((scalings, {n for n in visited if n not in trace.params}))
+    return found
+
+
 def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
     """Walk every write back to its parameters. An addition inside a module that itself reads
     the stream (LayerNorm's `x - mean(x)`) is part of that reader, probed as a whole, not a write."""
     memo: dict = {}
     sources = [(operand, False) for add, operand in trace.writes if trace.nodes[add].module not in reading]
-    sources += [(node, True) for node, _ in trace.starts]
+    sources += [(node, True) for node, _ in trace.starts]  # none after the second run, unless a later layer
     for operand, is_start in sources:
         try:
             found = scalers(trace, operand, top=is_start, memo=memo)
@@ -209,7 +235,7 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
             if not _depends_on(module, trace, name, attr):
                 continue  # kept only to build a child (a mixer's `layer_norm_epsilon`), never read
             try:
-                found = exclusive_scalers(trace, trace.call_inputs[name])
+                found = exclusive_scalers(trace, trace.call_inputs[name], name)
             except Unscalable as error:
                 # In memory each module keeps its own eps, so the rescaled model stays exact; a
                 # checkpoint has one value per field, so an export cannot be.
@@ -280,7 +306,7 @@ def _side_uses(trace: Trace, roles: Roles, needs, require, rounds: int = 3) -> N
                 params = _linear_params(trace, node, op)
                 if params and params[0].param == param:
                     try:
-                        found = exclusive_scalers(trace, node.inputs[0])
+                        found = exclusive_scalers(trace, node.inputs[0], node.module)
                     except Unscalable as error:
                         roles.refusals.append(f"{param} is scaled as a writer and also read by "
                                               f"{node.module or 'the model'}, which cannot be compensated: {error}")

@@ -86,8 +86,9 @@ class Trace:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, trace: Trace, param_names: dict[int, str], module_stack: list[str]):
+    def __init__(self, trace: Trace, param_names: dict[int, str], module_stack: list[str], seeds=frozenset()):
         super().__init__()
+        self.seeds = seeds
         self.trace = trace
         self.param_names = param_names
         self.stack = module_stack
@@ -129,6 +130,8 @@ class _Recorder(TorchFunctionMode):
             trace.latest[id(result)] = index
             trace.keep.append(result)
         self._tag(index, name, args, inputs, results)
+        if index in self.seeds:
+            trace.stream.add(index)
         return out
 
     def _tag(self, index: int, name: str, args, inputs: list[int], results) -> None:
@@ -146,7 +149,11 @@ class _Recorder(TorchFunctionMode):
             return  # isfinite(...), a boolean mask: no value flows on
         others = [i for i in inputs if i not in trace.stream]
         module = self.stack[-1] if self.stack else ""
-        if name in SHAPE or (name in CAT and not others):
+        if name == "where" and len(streamed) == 1 and len(inputs) == 3 and not derived:
+            trace.stream.add(index)  # some positions replaced (a multimodal model's image features)
+            if others[1:]:
+                trace.writes.append((index, others[-1]))
+        elif name in SHAPE or (name in CAT and not others):
             trace.stream.add(index)
         elif name in ADD and len(inputs) == 2:
             trace.stream.add(index)
@@ -184,15 +191,16 @@ def first_tensor(value):
     return None
 
 
-def trace_model(model: nn.Module, input_ids: torch.Tensor, layers: nn.ModuleList) -> Trace:
-    """Run `model` once on `input_ids` ([B, T]) under the recorder; hooks removed on exit."""
+def trace_model(model: nn.Module, input_ids: torch.Tensor, layers: nn.ModuleList, seeds=frozenset()) -> Trace:
+    """Run `model` once on `input_ids` ([B, T]) under the recorder; hooks removed on exit.
+    `seeds`: node ids (of an earlier trace of the same input) to tag as the stream when made."""
     trace = Trace()
     param_names = {id(p): n for n, p in model.named_parameters()}
     names = {id(m): n for n, m in model.named_modules()}
     layer_names = {id(layer): names[id(layer)] for layer in layers}
     stack: list[str] = []
     handles = []
-    recorder = _Recorder(trace, param_names, stack)
+    recorder = _Recorder(trace, param_names, stack, seeds)
 
     def enter(module, args, kwargs):
         name = names.get(id(module), "")

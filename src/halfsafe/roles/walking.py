@@ -79,13 +79,18 @@ def _floating(trace: Trace, n: int) -> bool:
     return out is not None and out.is_floating_point()
 
 
-def exclusive_scalers(trace: Trace, n: int) -> list[Scaling]:
+def exclusive_scalers(trace: Trace, n: int, reader: str) -> list[Scaling]:
     """`scalers`, but only if nothing else reads what gets scaled: Qwen3.5's q_proj gives both
     the query (into q_norm) and an output gate (into a sigmoid), so scaling it for the query's
-    sake would change the gate. Raises Unscalable naming the other reader."""
+    sake would change the gate; DeepSeek's kv_a_proj gives the latent (into kv_a_layernorm)
+    and the rotary key. `reader`: the module the value is scaled for, whose own ops may read it.
+    Raises Unscalable naming the other reader."""
     visited: set[int] = set()
     found = scalers(trace, n, top=False, visited=visited)
-    for v in visited - {n}:
+    mine = {c for c in trace.consumers.get(n, [])
+            if trace.nodes[c].module == reader or trace.nodes[c].module.startswith(reader + ".")}
+    visited |= mine
+    for v in visited - mine:
         frontier = [v]
         while frontier:
             u = frontier.pop()
