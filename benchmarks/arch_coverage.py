@@ -71,6 +71,29 @@ def logits_in(model, batch, dtype) -> list[torch.Tensor]:
         return [variant(input_ids=ids, use_cache=False).logits.float() for ids in batch]
 
 
+def first_nonfinite(model, batch, dtype) -> str | None:
+    """The first module (in execution order) whose output is non-finite in `dtype`."""
+    variant = copy.deepcopy(model).to(dtype)
+    names = {m: n for n, m in variant.named_modules()}
+    found = []
+
+    def hook(module, args, output):
+        tensor = output if isinstance(output, torch.Tensor) else (
+            next((t for t in output if isinstance(t, torch.Tensor)), None) if isinstance(output, tuple) else None)
+        if not found and tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            found.append(names[module])
+
+    handles = [m.register_forward_hook(hook) for m in variant.modules()]
+    try:
+        with torch.no_grad():
+            for ids in batch:
+                variant(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else "the logits"
+
+
 def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for p, q in zip(reference, other):
@@ -120,7 +143,10 @@ def measure(model_type: str) -> dict:
         row["fp16 finite after"] = finite(after)
         row["fp16 kl"] = mean_kl(reference, after) if row["fp16 finite after"] else float("inf")
         if not row["fp16 finite after"]:
-            return dict(row, status="failed", reason="float16 not finite after the fix")
+            where = first_nonfinite(fixed, batch, torch.float16)
+            kind = " (a linear reader of the stream: its output does not scale)" if roles.readers.get(where, "").startswith(
+                "linear") else ""
+            return dict(row, status="failed", reason=f"float16 not finite after the fix, first in {where}{kind}")
         if not row["fp16 kl"] < row["bf16 kl"]:
             return dict(row, status="failed", reason="fixed float16 KL not below bfloat16's")
         if roles.export_blockers:

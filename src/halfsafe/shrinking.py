@@ -125,6 +125,14 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
             and name.rsplit(".", 1)[0] in roles.writers]
     if not rows:
         return 0.0
+    # A trained model reads its massive channel weakly (Sun et al. 2024: it acts as a fixed
+    # bias); random weights would not, and a projection reading the raw stream (OLMo 2's
+    # q/k/v, gate/up) would then overflow float16 by itself, whatever the residual scale.
+    with torch.no_grad():
+        for module, how in roles.readers.items():
+            weight = getattr(model.get_submodule(module), "weight", None)
+            if how.startswith("linear") and weight is not None and weight.dim() == 2 and weight.shape[1] == hidden:
+                weight[:, CHANNEL] *= 2.0**-8
     for name, offset in reversed(rows):  # the last writers first: the MLP (or its post-norm)
         reached = _scale_row(model, layers[1], params[name], offset)
         if reached > 65504:
