@@ -152,3 +152,30 @@ def test_real_demo_roles_are_the_registry_and_bit_exact(demo):
     ids = [demo.tokenizer(text, return_tensors="pt").input_ids for text in ("The capital of France is", "上海有个")]
     gate = exactness_gate(demo.model, roles, ids)
     assert gate.equal, gate.describe()  # NUMERICS.md section 7: torch.equal on the real model
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen3", "llama"])
+def test_measured_output_scales_match_the_plan_site_roles(arch):
+    """Planning asks which sites move with s: the measured exponents agree with the registry's."""
+    from halfsafe.planning import site_roles
+    from halfsafe.roles import output_exponents
+
+    model = build_tiny_model(arch)
+    roles = derive_roles(model)
+    measured = output_exponents(model, roles, PROMPTS[0])
+    expected, _ = site_roles(architecture_of(model), len(find_decoder_layers(model)[1]), model.config.tie_word_embeddings)
+    for site, role in expected.items():
+        if role in ("s", "1/s"):
+            assert measured[site] == {"s": 1, "1/s": -1}[role], site
+
+
+def test_applying_scales_write_the_same_weights_as_the_registry():
+    from halfsafe.applying import scaled_weights
+    from halfsafe.roles import applying_scales
+
+    model = build_tiny_model("gemma3_text")
+    plan = Plan(architecture="gemma3_text", dtype="float16", margin=4.0, residual_scale=S)
+    derived = scaled_weights(model, None, plan, torch.float16, scales=applying_scales(derive_roles(model), S))
+    registry = scaled_weights(model, architecture_of(model), plan, torch.float16)
+    assert derived.keys() == registry.keys()
+    assert all(torch.equal(derived[n], registry[n]) for n in registry)

@@ -7,10 +7,13 @@ what cannot be rescaled exactly. `exactness_gate` applies them in fp32 and compa
 """
 
 from .deriving import derive_roles, probe_invariance
-from .gate import EXACT_BOUND, GateResult, apply_roles, eps_settings, exactness_gate, scaled_parameters, use_roles
+from .gate import (
+    EXACT_BOUND, GateResult, apply_roles, applying_scales, eps_settings, exactness_gate, output_exponents, scaled_parameters, use_roles,
+)
 from .roles import Roles
 
 __all__ = [
     "EXACT_BOUND", "GateResult", "Roles", "apply_roles", "derive_roles", "eps_settings", "exactness_gate",
+    "applying_scales", "output_exponents",
     "probe_invariance", "scaled_parameters", "use_roles",
 ]

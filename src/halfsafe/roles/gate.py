@@ -44,6 +44,14 @@ def scaled_parameters(model: nn.Module, roles: Roles, s: float) -> dict[str, tor
     return new
 
 
+def applying_scales(roles: Roles, s: float) -> dict:
+    """`roles` for residual scale s in the form `applying.scaled_weights(..., scales=...)` takes,
+    so `fix` can write the derived rescaling through its existing path."""
+    from ..applying import _Scale
+
+    return {name: _Scale(factor=factor, offset=offset) for name, (factor, offset) in roles.factors(s).items()}
+
+
 def eps_settings(model: nn.Module, roles: Roles, s: float) -> list[tuple[object, str, float]]:
     """(object, attribute, new value): every listed eps and config field times s^2."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -133,28 +141,7 @@ def exactness_gate(model: nn.Module, roles: Roles, prompts: list[torch.Tensor], 
 def first_divergence(model: nn.Module, roles: Roles, ids: torch.Tensor, s: float) -> str | None:
     """The first module, in execution order, whose rescaled output is neither its original
     output nor that output times s or 1/s: where a role is wrong."""
-    def record(into):
-        def hook(module, args, output):
-            tensor = output if isinstance(output, torch.Tensor) else next(
-                (t for t in (output if isinstance(output, (tuple, list)) else ()) if isinstance(t, torch.Tensor)), None)
-            if tensor is not None and tensor.is_floating_point() and names[module] not in into:
-                into[names[module]] = tensor.detach().float().clone()
-        return hook
-
-    names = {m: n for n, m in model.named_modules()}
-    before, after = {}, {}
-    for into, context in ((before, None), (after, roles)):
-        handles = [m.register_forward_hook(record(into)) for m in model.modules()]
-        try:
-            with torch.no_grad():
-                if context is None:
-                    model(input_ids=ids, use_cache=False)
-                else:
-                    with use_roles(model, context, s):
-                        model(input_ids=ids, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+    before, after = _module_outputs(model, None, ids, s), _module_outputs(model, roles, ids, s)
     for name, a in before.items():
         b = after.get(name)
         if b is None or a.shape != b.shape:
@@ -163,3 +150,46 @@ def first_divergence(model: nn.Module, roles: Roles, ids: torch.Tensor, s: float
         if not any((a * f - b).abs().max().item() <= 1e-5 * scale * max(f, 1) for f in (1.0, s, 1 / s)):
             return name or type(model).__name__
     return None
+
+
+def output_exponents(model: nn.Module, roles: Roles, ids: torch.Tensor, s: float = GATE_SCALE) -> dict[str, int]:
+    """Module -> k such that its output, rescaled, is its original output times s**k (1 for
+    writers and the stream, -1 for a tied model's final norm, 0 for readers' outputs), measured
+    by running `ids` ([1, T]) both ways: what planning needs to know which sites move with s.
+    Modules whose output is neither are left out (the gate reports those)."""
+    before, after = _module_outputs(model, None, ids, s), _module_outputs(model, roles, ids, s)
+    found = {}
+    for name, a in before.items():
+        b = after.get(name)
+        if b is None or a.shape != b.shape:
+            continue
+        scale = a.abs().max().item() or 1.0
+        for k in (0, 1, -1):
+            if (a * s**k - b).abs().max().item() <= 1e-5 * scale * max(s**k, 1):
+                found[name] = k
+                break
+    return found
+
+
+def _module_outputs(model: nn.Module, roles: Roles | None, ids: torch.Tensor, s: float) -> dict[str, torch.Tensor]:
+    names = {m: n for n, m in model.named_modules()}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        tensor = output if isinstance(output, torch.Tensor) else next(
+            (t for t in (output if isinstance(output, (tuple, list)) else ()) if isinstance(t, torch.Tensor)), None)
+        if tensor is not None and tensor.is_floating_point() and names[module] not in outputs:
+            outputs[names[module]] = tensor.detach().float().clone()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            if roles is None:
+                model(input_ids=ids, use_cache=False)
+            else:
+                with use_roles(model, roles, s):
+                    model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
