@@ -124,7 +124,7 @@ def measure(model_type: str) -> dict:
         vocab = model.get_input_embeddings().weight.shape[0]
         batch = prompts(vocab)
         roles = derive_roles(model)
-        row["planted"] = plant_massive_activation(model, layers, layers_path, roles)
+        row["planted"] = plant_massive_activation(model, layers, layers_path, roles, batch[0])
         roles = derive_roles(model)  # again on the planted model: what `fix` would see
         row["writers"], row["readers"] = len(roles.writers), len(roles.readers)
         reference = logits_in(model, batch, torch.float32)
@@ -237,9 +237,12 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     covered = sum(r["status"] == "covered" for r in rows)
     in_memory = sum(r["status"] == "covered in memory" for r in rows)
+    overflowed = sum(r["status"].startswith("covered") and r.get("fp16 finite before") is False for r in rows)
+    identical = sum(r["status"].startswith("covered") and r.get("equal") is True for r in rows)
     header = (f"Measured {time.strftime('%Y-%m-%d')} on {machine()}: **{covered + in_memory} of {len(rows)}** model "
               f"types in transformers {transformers.__version__}'s causal-LM mapping covered ({covered} exportable "
-              f"exactly, {in_memory} exact in memory only); run time {elapsed:.0f} s (one thread).")
+              f"exactly, {in_memory} exact in memory only; {identical} of them bit-identical in fp32, {overflowed} "
+              f"non-finite in plain float16 before the fix); run time {elapsed:.0f} s (one thread).")
     if not args.types:
         Path(args.out).write_text(render(rows, header))
     print(header)

@@ -80,8 +80,8 @@ def test_derived_roles_fix_a_planted_overflow_exactly(planted, model_type):
     fixed = apply_roles(copy.deepcopy(model), roles, power_of_two_scale(peak, 65504 / 4))
     after = _logits(fixed, torch.float16)
     assert torch.isfinite(after).all()
-    # bf16 keeps 8 mantissa bits to fp16's 11: on every covered type the fixed fp16 KL measured
-    # 10-1000x below bf16's (docs/architectures.md), so "below" has a wide margin.
+    # bf16 keeps 8 mantissa bits to fp16's 11: over the covered types of docs/architectures.md
+    # the fixed fp16 KL measured 4.6x (worst) to 56x (median) below bf16's.
     assert _kl(reference, after) < _kl(reference, _logits(model, torch.bfloat16))
 
 

@@ -115,12 +115,15 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
     return model.eval()
 
 
-def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_path: str, roles) -> float:
+def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_path: str, roles,
+                             ids: torch.Tensor | None = None) -> float:
     """Make the stream leaving the first layer reach MASSIVE in CHANNEL: one output row of a
     writer of that layer (a projection's row, or a post-norm's gain entry, `roles` tell which
     and its gain convention) is scaled up. The embedding is left alone: a tied embedding is the
     LM head too, and a giant entry there would make the logits themselves overflow, which no
-    real model does. Returns the value reached (0 if no writer of the first layer has a row)."""
+    real model does. `ids` ([1, T], default BOS and three tokens): the prompt it must overflow
+    on. Returns the value reached (0 if no writer of the first layer has a row)."""
+    ids = torch.tensor([[BOS, 7, 8, 9]]) if ids is None else ids
     hidden = model.get_input_embeddings().weight.shape[1]
     params = dict(model.named_parameters())
     rows = [(name, offset) for name, (exponent, offset) in roles.scales.items()
@@ -137,20 +140,19 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
             if how.startswith("linear") and weight is not None and weight.dim() == 2 and weight.shape[1] == hidden:
                 weight[:, CHANNEL] *= 2.0**-8
     for name, offset in reversed(rows):  # the last writers first: the MLP (or its post-norm)
-        reached = _scale_row(model, layers[1], params[name], offset)
+        reached = _scale_row(model, layers[1], params[name], offset, ids)
         if reached > 65504:
             return reached
     return reached
 
 
-def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: float) -> float:
+def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: float, ids: torch.Tensor) -> float:
     """Scale entry CHANNEL of `param` (a gain, a bias, or a weight row) until the stream entering
     `probe` reaches MASSIVE there; returns the value reached."""
     seen = []
     handle = probe.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()),
         with_kwargs=True)
-    ids = torch.tensor([[BOS, 7, 8, 9]])
     try:
         with torch.no_grad():
             if not bool((param[CHANNEL] + offset).abs().max() > 0):
