@@ -123,7 +123,7 @@ def test_roles_are_a_plain_value():
     assert "model.layers.0.post_feedforward_layernorm.weight" in roles.scales
     assert roles.scales["model.layers.0.post_feedforward_layernorm.weight"] == [1, 1.0]  # Gemma's (1 + w)
     assert roles.scales["model.norm.weight"] == [-1, 1.0]  # tied embedding: the final norm takes 1/s
-    assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") not in roles.pairs  # post-norm writer
+    assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") in roles.pairs  # down feeds the post-norm
     llama = derive_roles(build_tiny_model("llama"))
     assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") in llama.pairs
     assert ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj") in llama.pairs
@@ -176,3 +176,21 @@ def test_applying_scales_write_the_same_weights_as_the_registry():
     registry = scaled_weights(model, architecture_of(model), plan, torch.float16)
     assert derived.keys() == registry.keys()
     assert all(torch.equal(derived[n], registry[n]) for n in registry)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "gemma3_text"])
+def test_interior_pairs_rescale_exactly(arch):
+    """Every derived (producer, consumer) pair - MLP up -> down, attention v -> o - scaled by
+    t = 2^-4 on top of the residual scale keeps fp32 logits within the gate's bound."""
+    model = build_tiny_model(arch)
+    roles = derive_roles(model)
+    assert roles.interior, roles.pairs
+    gate = exactness_gate(model, roles, PROMPTS, interior={pair: 2.0**-4 for pair in roles.interior})
+    assert gate.passed, gate.describe()
+
+
+def test_a_fused_projection_is_not_an_interior_pair():
+    """gpt-oss fuses gate and up in one stacked tensor: its gate half feeds the activation, so
+    scaling it is not linear; such a producer is not offered as a pair."""
+    roles = derive_roles(tiny_model("gpt_oss"))
+    assert not any("gate_up" in producer for producer, _ in roles.pairs)

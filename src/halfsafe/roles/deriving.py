@@ -33,7 +33,9 @@ from torch import nn
 
 from .roles import Roles
 from .tracing import SHAPE, Trace, first_tensor, trace_model
-from .walking import LINEAR, Scaling, Unscalable, _linear_params, exclusive_scalers, param_of, producer, scalers
+from .walking import (
+    LINEAR, Scaling, Unscalable, _linear_params, exclusive_scalers, only_read_along, param_of, producer, scalers,
+)
 
 PROBE_SCALE = 2.0**-3
 
@@ -97,7 +99,7 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
     exponents = _settle(trace, roles, needs)
     _follow_analogues(model, trace, exponents, offsets)
     roles.scales = {p: [e, offsets.get(p, 0.0)] for p, e in sorted(exponents.items()) if e}
-    roles.pairs = _pairs(trace)
+    roles.pairs, roles.interior = _pairs(trace, roles.companions)
     return roles
 
 
@@ -354,27 +356,35 @@ def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int],
                 offsets[name] = offset
 
 
-def _pairs(trace: Trace) -> list[tuple[str, str]]:
+def _pairs(trace: Trace, companions: list[str]) -> tuple[list[tuple[str, str]], dict[str, dict[str, int]]]:
     """(producer, consumer) linear pairs inside a sublayer: the consumer writes the stream and
-    the producer's output reaches it linearly (MLP up -> down, attention v -> o)."""
-    pairs = []
-    for _, operand in trace.writes:
+    the producer's output reaches it linearly and nowhere else (MLP up -> down, attention
+    v -> o). Scaling the producer (weight and bias) by t and the consumer's weight by 1/t keeps
+    the function and shrinks everything in between: the interior fix. Returns the pairs and,
+    per pair 'producer->consumer', the exponent of t for each parameter."""
+    pairs, exponents = [], {}
+    # A consumer writes the stream, or feeds a norm that does (Gemma's o_proj -> post-norm).
+    sources = [operand for _, operand in trace.writes] + [trace.call_inputs[c] for c in companions]
+    for operand in sources:
         try:
             found = scalers(trace, operand, top=False)
         except Unscalable:
             continue
         for s in found:
             node = trace.nodes[s.op]
-            if node.op not in LINEAR or not node.inputs:
+            params = _linear_params(trace, node, s.op) if node.op in LINEAR else None
+            if not params or params[0].param != s.param or not node.inputs:
                 continue
-            source = producer(trace, node.inputs[0])
-            if source is None:
+            path: list[int] = []
+            source = producer(trace, node.inputs[0], path=path)
+            if source is None or not only_read_along(trace, path):
                 continue
-            params = _linear_params(trace, trace.nodes[source], source)
-            pair = (params[0].param.rsplit(".", 1)[0], s.param.rsplit(".", 1)[0])
+            made = _linear_params(trace, trace.nodes[source], source)
+            pair = (made[0].param.rsplit(".", 1)[0], s.param.rsplit(".", 1)[0])
             if pair not in pairs and pair[0] != pair[1]:
                 pairs.append(pair)
-    return pairs
+                exponents[f"{pair[0]}->{pair[1]}"] = {**{p.param: 1 for p in made}, s.param: -1}
+    return pairs, exponents
 
 
 __all__ = ["derive_roles", "probe_invariance", "param_of"]

@@ -33,13 +33,14 @@ EXACT_BOUND = 1e-6  # max |delta logit| / max |logit|; see the module docstring
 GATE_SCALE = 2.0**-3
 
 
-def scaled_parameters(model: nn.Module, roles: Roles, s: float) -> dict[str, torch.Tensor]:
+def scaled_parameters(model: nn.Module, roles: Roles, s: float, interior: dict[str, float] | None = None
+                      ) -> dict[str, torch.Tensor]:
     """The new value of every scaled parameter, checked finite; the model is untouched. A plain
     power-of-two product is exact in the parameter's own dtype (and an embedding can be
     gigabytes); a gain with an offset is computed in float64 and cast once."""
     params = dict(model.named_parameters())
     new = {}
-    for name, (factor, offset) in roles.factors(s).items():
+    for name, (factor, offset) in roles.factors(s, interior).items():
         source = params[name].detach()
         if offset:
             value = ((source.to(torch.float64) + offset) * factor - offset).to(source.dtype)
@@ -51,12 +52,12 @@ def scaled_parameters(model: nn.Module, roles: Roles, s: float) -> dict[str, tor
     return new
 
 
-def applying_scales(roles: Roles, s: float) -> dict:
+def applying_scales(roles: Roles, s: float, interior: dict[str, float] | None = None) -> dict:
     """`roles` for residual scale s in the form `applying.scaled_weights(..., scales=...)` takes,
     so `fix` can write the derived rescaling through its existing path."""
     from ..applying import _Scale
 
-    return {name: _Scale(factor=factor, offset=offset) for name, (factor, offset) in roles.factors(s).items()}
+    return {name: _Scale(factor=factor, offset=offset) for name, (factor, offset) in roles.factors(s, interior).items()}
 
 
 def eps_settings(model: nn.Module, roles: Roles, s: float) -> list[tuple[object, str, float]]:
@@ -68,10 +69,11 @@ def eps_settings(model: nn.Module, roles: Roles, s: float) -> list[tuple[object,
 
 
 @contextmanager
-def use_roles(model: nn.Module, roles: Roles, s: float):
-    """Run `model` rescaled by s inside the block; every weight and eps is restored exactly after."""
+def use_roles(model: nn.Module, roles: Roles, s: float, interior: dict[str, float] | None = None):
+    """Run `model` rescaled by s (and `interior` pair scales) inside the block; every weight and
+    eps is restored exactly after."""
     params = dict(model.named_parameters())
-    new = scaled_parameters(model, roles, s)
+    new = scaled_parameters(model, roles, s, interior)
     settings = eps_settings(model, roles, s)
     saved_params = {name: params[name].data for name in new}
     saved_attrs = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in settings]
@@ -88,10 +90,10 @@ def use_roles(model: nn.Module, roles: Roles, s: float):
             setattr(obj, attr, value)
 
 
-def apply_roles(model: nn.Module, roles: Roles, s: float) -> nn.Module:
+def apply_roles(model: nn.Module, roles: Roles, s: float, interior: dict[str, float] | None = None) -> nn.Module:
     """Rescale `model` in place by s (weights and eps): the only function here that keeps a change."""
     params = dict(model.named_parameters())
-    new = scaled_parameters(model, roles, s)
+    new = scaled_parameters(model, roles, s, interior)
     settings = eps_settings(model, roles, s)
     with torch.no_grad():
         for name, value in new.items():
@@ -120,14 +122,14 @@ class GateResult:
 
 
 def exactness_gate(model: nn.Module, roles: Roles, prompts: list[torch.Tensor], *, s: float = GATE_SCALE,
-                   bound: float = EXACT_BOUND) -> GateResult:
+                   bound: float = EXACT_BOUND, interior: dict[str, float] | None = None) -> GateResult:
     """Rescale `model` (fp32) by s in place for the check, compare its logits on `prompts`
     (each [1, T] token ids) with the original's; the model is restored after."""
     reference, rescaled = [], []
     with torch.no_grad():
         for ids in prompts:
             reference.append(model(input_ids=ids, use_cache=False).logits.float())
-        with use_roles(model, roles, s):
+        with use_roles(model, roles, s, interior):
             for ids in prompts:
                 rescaled.append(model(input_ids=ids, use_cache=False).logits.float())
     worst, max_delta, top, equal = (0, 0), 0.0, 0.0, True
@@ -141,19 +143,24 @@ def exactness_gate(model: nn.Module, roles: Roles, prompts: list[torch.Tensor], 
     relative = max_delta / (top or 1.0)
     result = GateResult(relative <= bound, max_delta, relative, equal, worst)
     if not result.passed:
-        result.culprit = first_divergence(model, roles, prompts[worst[0]], s)
+        result.culprit = first_divergence(model, roles, prompts[worst[0]], s, interior)
     return result
 
 
-def first_divergence(model: nn.Module, roles: Roles, ids: torch.Tensor, s: float) -> str | None:
+def first_divergence(model: nn.Module, roles: Roles, ids: torch.Tensor, s: float,
+                     interior: dict[str, float] | None = None) -> str | None:
     """The first module, in execution order, whose rescaled output is neither its original
-    output nor that output times s or 1/s: where a role is wrong."""
-    before, after = _module_outputs(model, None, ids, s), _module_outputs(model, roles, ids, s)
+    output nor that output times s or 1/s: where a role is wrong. (An interior pair's inner
+    values move by t, a power of two too: they are skipped, the consumer's output is not.)"""
+    before, after = _module_outputs(model, None, ids, s), _module_outputs(model, roles, ids, s, interior)
+    inner = {m for pair in (interior or {}) for m in pair.split("->")[:1]}
     for name, a in before.items():
         b = after.get(name)
         if b is None or a.shape != b.shape:
             continue
         scale = a.abs().max().item() or 1.0
+        if name in inner:
+            continue
         if not any((a * f - b).abs().max().item() <= 1e-5 * scale * max(f, 1) for f in (1.0, s, 1 / s)):
             return name or type(model).__name__
     return None
@@ -178,7 +185,8 @@ def output_exponents(model: nn.Module, roles: Roles, ids: torch.Tensor, s: float
     return found
 
 
-def _module_outputs(model: nn.Module, roles: Roles | None, ids: torch.Tensor, s: float) -> dict[str, torch.Tensor]:
+def _module_outputs(model: nn.Module, roles: Roles | None, ids: torch.Tensor, s: float,
+                    interior: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     names = {m: n for n, m in model.named_modules()}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -194,7 +202,7 @@ def _module_outputs(model: nn.Module, roles: Roles | None, ids: torch.Tensor, s:
             if roles is None:
                 model(input_ids=ids, use_cache=False)
             else:
-                with use_roles(model, roles, s):
+                with use_roles(model, roles, s, interior):
                     model(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:

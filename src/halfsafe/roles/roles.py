@@ -24,6 +24,7 @@ class Roles:
     readers: dict[str, str] = field(default_factory=dict)  # module -> how it is kept exact
     companions: list[str] = field(default_factory=list)  # non-reading norms sharing the readers' eps
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, consumer) inside a sublayer
+    interior: dict[str, dict[str, int]] = field(default_factory=dict)  # 'producer->consumer' -> {param: exponent of t}
     refusals: list[str] = field(default_factory=list)
     export_blockers: list[str] = field(default_factory=list)  # exact in memory, not as a checkpoint
     notes: list[str] = field(default_factory=list)
@@ -32,9 +33,14 @@ class Roles:
     def refused(self) -> bool:
         return bool(self.refusals)
 
-    def factors(self, s: float) -> dict[str, tuple[float, float]]:
-        """Parameter -> (factor, offset) for residual scale s; parameters not listed are unchanged."""
-        return {name: (s**exponent, offset) for name, (exponent, offset) in self.scales.items()}
+    def factors(self, s: float, interior: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+        """Parameter -> (factor, offset) for residual scale s and, per pair 'producer->consumer'
+        in `interior`, its scale t; parameters not listed are unchanged."""
+        found = {name: [s**exponent, offset] for name, (exponent, offset) in self.scales.items()}
+        for pair, t in (interior or {}).items():
+            for name, exponent in self.interior[pair].items():
+                found.setdefault(name, [1.0, 0.0])[0] *= t**exponent
+        return {name: (factor, offset) for name, (factor, offset) in found.items() if factor != 1.0}
 
     def without(self, module: str) -> "Roles":
         """A copy with `module`'s parameters dropped from the scales (to show the gate can fail)."""

@@ -205,15 +205,18 @@ def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None) -> li
     raise Unscalable(f"'{op}' is not linear in a parameter", module)
 
 
-def producer(trace: Trace, n: int, depth: int = 0) -> int | None:
+def producer(trace: Trace, n: int, depth: int = 0, path: list | None = None) -> int | None:
     """The linear op (with a parameter weight) whose output reaches node `n` through ops that
     are linear in it: for `down_proj`'s input `act(gate) * up`, the `up` projection; for
-    `o_proj`'s input `softmax(q k^T) v`, the `v` projection. None if there is none."""
+    `o_proj`'s input `softmax(q k^T) v`, the `v` projection. None if there is none. `path`
+    collects the nodes from `n` back to it."""
     if depth > 64 or n in trace.stream or n in trace.params:
         return None
     node = trace.nodes[n]
     inputs = [i for i in node.inputs if _floating(trace, i)]
     if node.op in LINEAR and _linear_params(trace, node, n) is not None:
+        if path is not None:
+            path.append(n)
         return n
     if node.op in ATTENTION and len(inputs) >= 3:
         candidates = [inputs[2]]
@@ -224,7 +227,29 @@ def producer(trace: Trace, n: int, depth: int = 0) -> int | None:
     else:
         return None
     for i in candidates:
-        found = producer(trace, i, depth + 1)
+        tail: list = []
+        found = producer(trace, i, depth + 1, tail)
         if found is not None:
+            if path is not None:
+                path.extend([n] + tail)
             return found
     return None
+
+
+def only_read_along(trace: Trace, path: list[int]) -> bool:
+    """Is every value on `path` (but its first, the consumer's input) read only by the next
+    node on it? A fused gate_up projection fails: its gate half goes to the activation."""
+    on_path = set(path)
+    for v in path[1:]:
+        frontier = [v]
+        while frontier:
+            u = frontier.pop()
+            for c in trace.consumers.get(u, []):
+                node = trace.nodes[c]
+                if c in on_path or (node.op in SHAPE and node.inputs[:1] != [u]):
+                    continue
+                if node.op in SHAPE:
+                    frontier.append(c)
+                else:
+                    return False
+    return True
