@@ -183,9 +183,14 @@ def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None) -> li
             return walk(inputs[0])
         for i in inputs:
             gain = gain_of(trace, i)
-            if gain:
-                return [Scaling(gain[0], gain[1], gain[2][-1] if gain[2] else n)]
-        return first_of(inputs)
+            if gain:  # the op that uses the parameter: this product, or the `c + g` before it
+                return [Scaling(gain[0], gain[1], gain[2][-1] if gain[1] else n)]
+        # x * rsqrt(mean(x^2)) does not scale with x: walk into a factor only if the other
+        # factor does not depend on it.
+        independent = [i for i in inputs if not any(_depends(trace, j, i) for j in inputs if j != i)]
+        if not independent:
+            raise Unscalable(f"'{op}' multiplies a value by a function of itself (a norm without a gain)", module)
+        return first_of(independent)
     if op in DIV and inputs and isinstance(node.args[0], torch.Tensor) and node.inputs[0] == inputs[0]:
         return walk(inputs[0])
     if op in ADD:
@@ -203,6 +208,23 @@ def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None) -> li
     if op in ATTENTION and len(inputs) >= 3:
         return walk(inputs[2])  # softmax(q k^T) v is linear in v
     raise Unscalable(f"'{op}' is not linear in a parameter", module)
+
+
+def _depends(trace: Trace, later: int, earlier: int) -> bool:
+    """Is node `later` computed from node `earlier`? Nodes are in execution order, so the
+    search never goes below `earlier`."""
+    if later == earlier:
+        return True
+    seen, frontier = set(), [later]
+    while frontier:
+        n = frontier.pop()
+        for i in trace.nodes[n].inputs:
+            if i == earlier:
+                return True
+            if i > earlier and i not in seen:
+                seen.add(i)
+                frontier.append(i)
+    return False
 
 
 def producer(trace: Trace, n: int, depth: int = 0, path: list | None = None) -> int | None:
