@@ -2,6 +2,7 @@
 gate on every covered architecture, and the gate fails when a role is removed."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -16,6 +17,14 @@ from halfsafe.testing import ARCHITECTURES, build_tiny_model
 
 S = 2.0**-3
 PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 33, 44, 55]])]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(arch):
+    """(model, derived roles) of a registry architecture's tiny planted model, shared by the
+    tests that only read it (deriving and the gate restore every weight and eps)."""
+    model = build_tiny_model(arch)
+    return model, derive_roles(model)
 
 
 def _kl(reference, other) -> float:
@@ -33,8 +42,7 @@ def _logits(model, dtype):
 def test_derived_roles_equal_the_registry_and_are_bit_exact(arch):
     """Today's nine: the derived scales are the registry's, so `fix` keeps its numbers (the demo's
     exported weights stay byte-identical), and the rescaled fp32 logits are torch.equal."""
-    model = build_tiny_model(arch)
-    roles = derive_roles(model)
+    model, roles = _tiny(arch)
     assert not roles.refused, roles.refusals
     plan = Plan(architecture=arch, dtype="float16", margin=4.0, residual_scale=S)
     registry = {name: (e.factor, e.offset) for name, e in scale_factors(model, architecture_of(model), plan).items()
@@ -94,8 +102,7 @@ def test_an_eps_a_checkpoint_cannot_carry_is_reported_not_hidden(planted):
 
 
 def test_the_gate_fails_when_a_writer_is_removed():
-    model = build_tiny_model("llama")
-    roles = derive_roles(model)
+    model, roles = _tiny("llama")
     broken = roles.without("model.layers.1.mlp.down_proj")
     assert broken.scales != roles.scales
     gate = exactness_gate(model, broken, PROMPTS)
@@ -117,14 +124,14 @@ def test_the_gate_fails_when_a_reader_is_left_uncompensated():
 
 
 def test_roles_are_a_plain_value():
-    roles = derive_roles(build_tiny_model("gemma3_text"))
+    roles = _tiny("gemma3_text")[1]
     again = Roles.from_json(roles.to_json())
     assert again == roles
     assert "model.layers.0.post_feedforward_layernorm.weight" in roles.scales
     assert roles.scales["model.layers.0.post_feedforward_layernorm.weight"] == [1, 1.0]  # Gemma's (1 + w)
     assert roles.scales["model.norm.weight"] == [-1, 1.0]  # tied embedding: the final norm takes 1/s
     assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") in roles.pairs  # down feeds the post-norm
-    llama = derive_roles(build_tiny_model("llama"))
+    llama = _tiny("llama")[1]
     assert ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj") in llama.pairs
     assert ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj") in llama.pairs
 
@@ -157,8 +164,7 @@ def test_measured_output_scales_match_the_plan_site_roles(arch):
     from halfsafe.planning import site_roles
     from halfsafe.roles import output_exponents
 
-    model = build_tiny_model(arch)
-    roles = derive_roles(model)
+    model, roles = _tiny(arch)
     measured = output_exponents(model, roles, PROMPTS[0])
     expected, _ = site_roles(architecture_of(model), len(find_decoder_layers(model)[1]), model.config.tie_word_embeddings)
     for site, role in expected.items():
@@ -170,9 +176,9 @@ def test_applying_scales_write_the_same_weights_as_the_registry():
     from halfsafe.applying import scaled_weights
     from halfsafe.roles import applying_scales
 
-    model = build_tiny_model("gemma3_text")
+    model, roles = _tiny("gemma3_text")
     plan = Plan(architecture="gemma3_text", dtype="float16", margin=4.0, residual_scale=S)
-    derived = scaled_weights(model, None, plan, torch.float16, scales=applying_scales(derive_roles(model), S))
+    derived = scaled_weights(model, None, plan, torch.float16, scales=applying_scales(roles, S))
     registry = scaled_weights(model, architecture_of(model), plan, torch.float16)
     assert derived.keys() == registry.keys()
     assert all(torch.equal(derived[n], registry[n]) for n in registry)
@@ -182,8 +188,7 @@ def test_applying_scales_write_the_same_weights_as_the_registry():
 def test_interior_pairs_rescale_exactly(arch):
     """Every derived (producer, consumer) pair - MLP up -> down, attention v -> o - scaled by
     t = 2^-4 on top of the residual scale keeps fp32 logits within the gate's bound."""
-    model = build_tiny_model(arch)
-    roles = derive_roles(model)
+    model, roles = _tiny(arch)
     assert roles.interior, roles.pairs
     gate = exactness_gate(model, roles, PROMPTS, interior={pair: 2.0**-4 for pair in roles.interior})
     assert gate.passed, gate.describe()
