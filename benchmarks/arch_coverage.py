@@ -182,14 +182,14 @@ def render(rows: list[dict], header: str) -> str:
         "",
         "Status counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",
         "",
-        "*covered in memory*: the same, but a norm that shares the readers' eps field cannot have its input "
-        "scaled (a Mamba mixer's gated norm, an MLA latent norm), so a saved checkpoint, which stores one eps per "
-        "field, would not reproduce it exactly. "
         "A type is *covered* when its derived roles pass the exactness gate (rescaled by 2^-3 in fp32, "
         "max |delta logit| within 1e-6 of the largest logit), float16 is finite after the fix, and the fixed "
-        "float16 model's mean KL to fp32 is below bfloat16's. `planted`: the residual value reached at BOS "
+        "float16 model's mean KL to fp32 is below bfloat16's. `planted`: the largest value the stream reached in the planted channel "
         "(one output row of a first-layer writer scaled up; 0: none found). Regenerate with "
-        "`python benchmarks/arch_coverage.py`.",
+        "`python benchmarks/arch_coverage.py`. "
+        "*covered in memory*: the same, but a norm that shares the readers' eps field cannot have its input "
+        "scaled (a Mamba mixer's gated norm, an MLA latent norm), so a saved checkpoint, which stores one eps per "
+        "field, would not reproduce it exactly.",
         "",
         "| type | class | status | planted | fp16 finite before | max abs delta (fp32) | bit-identical | "
         "fp16 finite after | KL fixed fp16 | KL bf16 | reason |",

@@ -137,8 +137,12 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
     with torch.no_grad():
         for module, how in roles.readers.items():
             weight = getattr(model.get_submodule(module), "weight", None)
-            if how.startswith("linear") and weight is not None and weight.dim() == 2 and weight.shape[1] == hidden:
+            if not (how.startswith("linear") and weight is not None and weight.dim() == 2):
+                continue
+            if weight.shape[1] == hidden:  # [out, in], as nn.Linear stores it
                 weight[:, CHANNEL] *= 2.0**-8
+            elif weight.shape[0] == hidden:  # [in, out], as GPT-2's Conv1D stores it
+                weight[CHANNEL] *= 2.0**-8
     for name, offset in reversed(rows):  # the last writers first: the MLP (or its post-norm)
         reached = _scale_row(model, layers[1], params[name], offset, ids)
         if reached > 65504:
