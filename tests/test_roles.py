@@ -199,3 +199,14 @@ def test_a_fused_projection_is_not_an_interior_pair():
     scaling it is not linear; such a producer is not offered as a pair."""
     roles = derive_roles(tiny_model("gpt_oss"))
     assert not any("gate_up" in producer for producer, _ in roles.pairs)
+
+
+def test_site_roles_for_planning_name_every_interior_pair():
+    model, roles = _tiny("llama")
+    from halfsafe.roles import output_exponents
+
+    sites, pairs = roles.site_roles(output_exponents(model, roles, PROMPTS[0]))
+    assert sites["model.layers.0.mlp.up_proj"] == "t" and sites["model.layers.0.mlp.down_proj:input"] == "t"
+    assert pairs["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.up_proj->model.layers.0.mlp.down_proj"
+    assert sites["model.layers.0"] == "s" and sites["model.layers.0.self_attn.o_proj"] == "s"
+    assert "model.layers.0.input_layernorm" not in sites  # a reader's output does not move
