@@ -7,11 +7,11 @@ import functools
 import pytest
 import torch
 
-from halfsafe.applying import scale_factors
+from halfsafe.applying import norm_eps_settings, scale_factors
 from halfsafe.observing import find_decoder_layers
 from halfsafe.planning import Plan, power_of_two_scale
 from halfsafe.registry import architecture_of
-from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, exactness_gate
+from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, eps_settings, exactness_gate
 from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model
 from halfsafe.testing import ARCHITECTURES, build_tiny_model
 
@@ -48,6 +48,14 @@ def test_derived_roles_equal_the_registry_and_are_bit_exact(arch):
     registry = {name: (e.factor, e.offset) for name, e in scale_factors(model, architecture_of(model), plan).items()
                 if e.factor != 1.0}
     assert roles.factors(S) == registry
+    names = {id(m): n for n, m in model.named_modules()}
+    derived = {(names.get(id(obj), "config"), attr, value) for obj, attr, value in eps_settings(model, roles, S)}
+    registry_eps = {(names.get(id(obj), "config"), attr, value)
+                    for obj, attr, value in norm_eps_settings(model, architecture_of(model), plan)}
+    # The registry also moved vision-tower norms whose eps merely equals the text one (matching
+    # by value); they never touch the text path, and the vision config's eps is not written.
+    assert derived <= registry_eps
+    assert all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n, _, _ in registry_eps - derived)
     gate = exactness_gate(model, roles, PROMPTS)
     assert gate.passed and gate.equal, gate.describe()
 

@@ -163,7 +163,8 @@ def _readers(model: nn.Module, trace: Trace, roles: Roles, require, containers: 
         found = probe_invariance(model.get_submodule(module), trace, module)
         if found is None:
             roles.refusals.append(f"{module} ({type(model.get_submodule(module)).__name__}) reads the residual "
-                                  f"stream ({', '.join(ops)}) and is neither linear nor scale-invariant")
+                                  f"stream ({', '.join(ops)}) and is neither linear nor scale-invariant (no float "
+                                  "attribute of it, such as an eps, makes it so)")
         elif found:
             roles.readers[module] = f"scale-invariant: {found} x s^2"
             roles.eps.append((module, found) if "." not in found else (f"{module}.{found.rsplit('.', 1)[0]}",
