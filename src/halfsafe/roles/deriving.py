@@ -1,4 +1,4 @@
-"""Derive who writes into the residual stream and who reads it, from one traced fp32 forward.
+"""Derive who writes into the residual stream and who reads it, from a traced fp32 forward.
 
 Phases (each a small function below), for a rescaling of the stream by s = 2^-k:
 1. `_writers`: every value added into the stream, and what starts it before the first layer,
@@ -41,7 +41,8 @@ PROBE_SCALE = 2.0**-3
 
 
 def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Roles:
-    """The roles of `model` (fp32, unchanged) from one forward pass on `input_ids` ([B, T])."""
+    """The roles of `model` (fp32, unchanged) from forward passes on `input_ids` ([B, T];
+    default: 16 distinct low token ids): one, or two when something leads into the first layer."""
     from ..observing import find_decoder_layers
 
     layers_path, layers = find_decoder_layers(model)
