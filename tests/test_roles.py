@@ -218,3 +218,22 @@ def test_site_roles_for_planning_name_every_interior_pair():
     assert pairs["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.up_proj->model.layers.0.mlp.down_proj"
     assert sites["model.layers.0"] == "s" and sites["model.layers.0.self_attn.o_proj"] == "s"
     assert "model.layers.0.input_layernorm" not in sites  # a reader's output does not move
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma3_text"])
+def test_roles_from_a_narrow_stand_in_equal_the_models_own(arch):
+    """Layer-wise mode never holds the whole model: its roles come from a stand-in with the
+    same config but every width shrunk; they name the same parameters with the same scales."""
+    from halfsafe.roles.standin import roles_from_config
+    from halfsafe.testing import tiny_config
+
+    wide = tiny_config(arch)
+    wide.hidden_size, wide.intermediate_size, wide.head_dim = 128, 256, 32
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(wide, dtype=torch.float32).eval()
+    names = {n for n, _ in model.named_parameters()}
+    standin = roles_from_config(wide, names)
+    own = derive_roles(model)
+    assert standin.scales == own.scales and standin.eps == own.eps and standin.config_eps == own.config_eps
