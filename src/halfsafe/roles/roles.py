@@ -1,0 +1,81 @@
+"""The derived roles of a model: a plain value (printable, serialisable, testable without a model).
+
+`scales` maps a parameter name to [exponent, offset]: for a residual scale s the parameter
+becomes `(offset + p) * s**exponent - offset` (exponent 1 for writers, -1 for a linear reader or
+the input side of a tied embedding's other use; a gain with Gemma's `1 + w` convention has
+offset 1). `eps` lists the (module, attribute) pairs multiplied by s^2 and `config_eps` the
+config fields that carry them into an exported checkpoint. A non-empty `refusals` means the
+model must not be rescaled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Roles:
+    model_class: str
+    scales: dict[str, list] = field(default_factory=dict)  # parameter -> [exponent of s, gain offset]
+    eps: list[tuple[str, str]] = field(default_factory=list)  # (module, attribute): value * s^2
+    config_eps: list[str] = field(default_factory=list)  # config fields: value * s^2
+    writers: list[str] = field(default_factory=list)  # modules whose output is added into the stream
+    readers: dict[str, str] = field(default_factory=dict)  # module -> how it is kept exact
+    companions: list[str] = field(default_factory=list)  # non-reading norms sharing the readers' eps
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, consumer) inside a sublayer
+    interior: dict[str, dict[str, int]] = field(default_factory=dict)  # 'producer->consumer' -> {param: exponent of t}
+    refusals: list[str] = field(default_factory=list)
+    export_blockers: list[str] = field(default_factory=list)  # exact in memory, not as a checkpoint
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.refusals)
+
+    def factors(self, s: float, interior: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+        """Parameter -> (factor, offset) for residual scale s and, per pair 'producer->consumer'
+        in `interior`, its scale t; parameters not listed are unchanged."""
+        found = {name: [s**exponent, offset] for name, (exponent, offset) in self.scales.items()}
+        for pair, t in (interior or {}).items():
+            for name, exponent in self.interior[pair].items():
+                found.setdefault(name, [1.0, 0.0])[0] *= t**exponent
+        return {name: (factor, offset) for name, (factor, offset) in found.items() if factor != 1.0}
+
+    def site_roles(self, exponents: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
+        """What planning needs, in `planning.site_roles`' form: site -> 's' (its output moves with
+        the residual scale), '1/s', or 't' (inside an interior pair), and for 't' sites the pair
+        ('producer->consumer') whose t applies. `exponents`: `gate.output_exponents`' result."""
+        roles = {site: {1: "s", -1: "1/s"}[k] for site, k in exponents.items() if k in (1, -1)}
+        pairs = {}
+        for pair in self.interior:
+            producer, consumer = pair.split("->")
+            for site in (producer, f"{consumer}:input"):
+                roles[site], pairs[site] = "t", pair
+        return roles, pairs
+
+    def without(self, module: str) -> "Roles":
+        """A copy with `module`'s parameters dropped from the scales (to show the gate can fail)."""
+        data = self.to_json()
+        data["scales"] = {n: v for n, v in data["scales"].items() if n.rsplit(".", 1)[0] != module}
+        data["writers"] = [w for w in data["writers"] if w != module]
+        return Roles.from_json(data)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Roles":
+        data = dict(data)
+        data["eps"] = [tuple(x) for x in data.get("eps", [])]
+        data["pairs"] = [tuple(x) for x in data.get("pairs", [])]
+        return cls(**data)
+
+    def describe(self) -> str:
+        lines = [f"{self.model_class}: {len(self.writers)} writer module(s), {len(self.readers)} reader(s), "
+                 f"{len(self.scales)} scaled parameter(s), eps x s^2 in {len(self.eps)} module(s)"
+                 + (f" and config {', '.join(self.config_eps)}" if self.config_eps else "")]
+        lines += [f"  refused: {r}" for r in self.refusals]
+        lines += [f"  export not exact: {n}" for n in self.export_blockers]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""A tiny model of any transformers causal-LM type, its sizes shrunk generically, with a planted
+massive activation: for coverage measurements and tests of derived roles.
+
+The shrinking is data, not code per model: every size-like field a config has is set from
+`SIZES` (hidden 64, 2 layers, 4 heads / 2 kv heads, intermediate 128, vocab 256, 4 experts of
+which 2 per token...), per-layer lists are cut to the new depth keeping one of each kind (a
+hybrid keeps an attention and a Mamba layer), and token ids beyond the vocabulary are moved
+into it. Nested configs (a multimodal model's text and vision configs) are shrunk the same way.
+
+The plant: the input embedding of token BOS gets MASSIVE in one channel, so the residual stream
+carries ~1e5 there from the first layer on (NUMERICS.md section 1: the real gemma-3-270m peaks at
+103,795, on `<bos>`). Plain float16 overflows; rescaled by 2^-3 it does not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BOS = 1
+MASSIVE = 1.0e5
+CHANNEL = 5
+LAYERS = 2
+
+SIZES = {
+    "hidden_size": 64, "d_model": 64, "n_embd": 64, "n_embed": 64, "dim": 64, "embed_dim": 64, "model_dim": 64,
+    "num_hidden_layers": LAYERS, "n_layer": LAYERS, "n_layers": LAYERS, "num_layers": LAYERS,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
+    "num_key_value_heads": 2, "n_kv_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
+    "head_dim": 16, "kv_channels": 16, "attention_head_dim": 16, "global_head_dim": 16,
+    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "ffn_hidden_size": 128, "d_ff": 128,
+    "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64,
+    "ffn_dim_multiplier": None,
+    "vocab_size": 256, "max_position_embeddings": 256, "n_positions": 256, "n_ctx": 256,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_shared_experts": 1,
+    "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_group": 1, "topk_group": 1,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
+    "sliding_window": 32, "window_size": 32, "attention_window_size": 32,
+    "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_d_conv": 4,
+    "mamba_head_dim": 32, "mamba_d_ssm": 128, "ssm_state_size": 16, "state_size": 16, "n_groups": 1, "time_step_rank": 8,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4, "conv_L_cache": 3, "block_dim": 64, "block_ff_dim": 128,
+    "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 256, "num_kv_shared_layers": 0,
+    "first_k_dense_replace": 1, "moe_layer_freq": 1, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "rotary_dim": 8, "rotary_emb_base": 10000,
+    "num_nextn_predict_layers": 0, "image_size": 32, "patch_size": 16,
+    "attn_logit_softcapping": None, "initializer_range": 0.2, "use_cache": False, "tie_word_embeddings": None,
+}
+TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+                "image_token_id", "image_token_index", "video_token_id", "boi_token_id", "eoi_token_id")
+
+
+def _cut(values: list, depth: int) -> list:
+    """A per-layer list cut to `depth` entries, keeping one of each kind where it can."""
+    kept = []
+    for value in values:
+        if value not in kept and len(kept) < depth:
+            kept.append(value)
+    while len(kept) < depth:
+        kept.append(values[len(kept) % len(values)])
+    return kept
+
+
+def shrink_config(config, depth: int = LAYERS):
+    """`config` shrunk in place (and returned): every size field in SIZES that it has, per-layer
+    lists cut to `depth`, nested configs likewise."""
+    from transformers import PretrainedConfig
+
+    original = {}
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(getattr(config, attr, None), int):
+            original = {"depth": getattr(config, attr)}
+            break
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            shrink_config(value, depth)
+        elif isinstance(value, dict) and "model_type" in value:
+            setattr(config, name, shrink_config(type(config).sub_configs[name](**value), depth).to_dict()
+                    if name in getattr(type(config), "sub_configs", {}) else value)
+    for name, value in SIZES.items():
+        if name in vars(config) and name != "tie_word_embeddings":
+            current = vars(config)[name]  # not getattr: a per-layer attribute refuses global reads
+            if value is None or current is None or isinstance(current, type(value)):
+                if isinstance(current, list) and name == "mlp_only_layers":
+                    value = []
+                setattr(config, name, value)
+    for name, value in list(vars(config).items()):
+        if isinstance(value, list) and original and len(value) == original["depth"] and len(value) > depth:
+            setattr(config, name, _cut(value, depth))
+    fields = vars(config)
+    if all(f in fields for f in ("expand", "num_heads", "head_dim", "hidden_size")):  # Mamba 2: heads span the expansion
+        config.head_dim = config.expand * config.hidden_size // config.num_heads
+    if "qk_rope_head_dim" in vars(config) and "head_dim" in vars(config):
+        config.head_dim = config.qk_rope_head_dim  # multi-head latent attention: rotary tables span the rope part
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int):
+        for field in TOKEN_FIELDS:
+            token = getattr(config, field, None)
+            if isinstance(token, int) and token >= vocab:
+                setattr(config, field, min(2 + TOKEN_FIELDS.index(field), vocab - 1))
+    return config
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+    """A tiny fp32 causal LM of `model_type` with random weights (raises what transformers raises)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = shrink_config(CONFIG_MAPPING[model_type]())
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_path: str, roles,
+                             ids: torch.Tensor | None = None) -> float:
+    """Make the stream leaving the first layer reach MASSIVE in CHANNEL: one output row of a
+    writer of that layer (a projection's row, or a post-norm's gain entry, `roles` tell which
+    and its gain convention) is scaled up. The embedding is left alone: a tied embedding is the
+    LM head too, and a giant entry there would make the logits themselves overflow, which no
+    real model does. `ids` ([1, T], default BOS and three tokens): the prompt it must overflow
+    on. Returns the value reached (0 if no writer of the first layer has a row)."""
+    ids = torch.tensor([[BOS, 7, 8, 9]]) if ids is None else ids
+    hidden = model.get_input_embeddings().weight.shape[1]
+    params = dict(model.named_parameters())
+    rows = [(name, offset) for name, (exponent, offset) in roles.scales.items()
+            if exponent == 1 and name.startswith(f"{layers_path}.0.") and params[name].shape[0] == hidden
+            and name.rsplit(".", 1)[0] in roles.writers]
+    if not rows:
+        return 0.0
+    # A trained model reads its massive channel weakly (Sun et al. 2024: it acts as a fixed
+    # bias); random weights would not, and a projection reading the raw stream (OLMo 2's
+    # q/k/v, gate/up) would then overflow float16 by itself, whatever the residual scale.
+    with torch.no_grad():
+        for module, how in roles.readers.items():
+            weight = getattr(model.get_submodule(module), "weight", None)
+            if not (how.startswith("linear") and weight is not None and weight.dim() == 2):
+                continue
+            if weight.shape[1] == hidden:  # [out, in], as nn.Linear stores it
+                weight[:, CHANNEL] *= 2.0**-8
+            elif weight.shape[0] == hidden:  # [in, out], as GPT-2's Conv1D stores it
+                weight[CHANNEL] *= 2.0**-8
+    for name, offset in reversed(rows):  # the last writers first: the MLP (or its post-norm)
+        reached = _scale_row(model, layers[1], params[name], offset, ids)
+        if reached > 65504:
+            return reached
+    return reached
+
+
+def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: float, ids: torch.Tensor) -> float:
+    """Scale entry CHANNEL of `param` (a gain, a bias, or a weight row) until the stream entering
+    `probe` reaches MASSIVE there; returns the value reached."""
+    seen = []
+    handle = probe.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if not bool((param[CHANNEL] + offset).abs().max() > 0):
+                param[CHANNEL] = 1.0 - offset  # a zero-initialised bias: give it something to scale
+            for _ in range(3):
+                seen.clear()
+                model(input_ids=ids, use_cache=False)
+                if not seen or seen[0] == 0:
+                    return 0.0
+                factor = MASSIVE / seen[0]
+                if abs(factor - 1) < 0.05:
+                    break
+                param[CHANNEL] = (param[CHANNEL] + offset) * factor - offset
+    finally:
+        handle.remove()
+    return seen[0] if seen else 0.0
