@@ -11,9 +11,8 @@ from halfsafe.guarding import (
     INF_LOGIT, NONFINITE, RECOVERED, STOPPED, DegenerationMonitor, NonFiniteLogits, SanitizeLogits, guard,
 )
 from halfsafe.loading import load_model
-from halfsafe.observing import find_decoder_layers
 from halfsafe.precision import compute_in
-from halfsafe.testing import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from halfsafe.testing import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, NanFault, build_tiny_model, byte_tokenizer
 
 GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=PAD)
 NEW = 12
@@ -31,38 +30,15 @@ def _batch(prompts, device="cpu"):
             if k in ("input_ids", "attention_mask")}
 
 
-class Fault:
-    """A forward hook that writes NaN into one layer's output, for some rows, on its k-th call only
-    (call 0 is the prompt's forward). The guard's own re-runs are later calls: they see no fault."""
-
-    def __init__(self, model, step: int, rows=None, layer: int = 2):
-        self.step, self.rows, self.calls = step, rows, 0
-        self.handle = find_decoder_layers(model)[1][layer].register_forward_hook(self)
-
-    def __call__(self, module, args, output):
-        call, self.calls = self.calls, self.calls + 1
-        if call != self.step:
-            return None
-        hidden = (output[0] if isinstance(output, tuple) else output).clone()
-        hidden[self.rows if self.rows is not None else slice(None)] = float("nan")
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def test_fault_at_step_k_is_recovered_exactly_with_one_event(healthy):
     batch = _batch(SHORT_PROMPTS[:1])
     clean = healthy.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
-    with Fault(healthy, step=5):
+    with NanFault(healthy, step=5):
         broken = healthy.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert not torch.equal(broken, clean)  # the fault does break plain generate
 
     guarded = guard(healthy)
-    with Fault(healthy, step=5):
+    with NanFault(healthy, step=5):
         out = guarded.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert torch.equal(out, clean)
     report = guarded.report
@@ -76,7 +52,7 @@ def test_batch_of_four_only_the_broken_row_is_recovered_others_untouched(healthy
     batch = _batch(["The capital of France is", "def add(a, b):", "上海有个非常出名的地方，", "1 + 1 ="])
     clean = healthy.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     guarded = guard(healthy)
-    with Fault(healthy, step=3, rows=[2]):
+    with NanFault(healthy, step=3, rows=[2]):
         out = guarded.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert torch.equal(out, clean)
     assert {(e.step, e.row, e.kind) for e in guarded.report.events if e.kind in (NONFINITE, RECOVERED)} == {

@@ -219,3 +219,29 @@ def _at_bos(model, module, *, output: bool) -> torch.Tensor:
     finally:
         handle.remove()
     return captured[0][0, 0]
+
+
+class NanFault:
+    """A forward hook that writes NaN into one decoder layer's output, for some rows (default: all),
+    on that layer's `step`-th call only (call 0 is the prompt's forward). A guard's own re-runs
+    come after the faulty call: they see no fault. Removed on leaving the `with` block."""
+
+    def __init__(self, model, step: int, rows: list[int] | None = None, layer: int = 2):
+        from .observing import find_decoder_layers
+
+        self.step, self.rows, self.calls = step, rows, 0
+        self.handle = find_decoder_layers(model)[1][layer].register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        call, self.calls = self.calls, self.calls + 1
+        if call != self.step:
+            return None
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()  # [B, T, H]
+        hidden[self.rows if self.rows is not None else slice(None)] = float("nan")
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
