@@ -8,8 +8,9 @@ decoder layer writes NaN into a random subset of rows at a random step. Checked:
 - every unfaulted row identical to the unfaulted run of the same batch;
 - faulted rows: identical to the unfaulted run, or not (recovery recomputes the step and the
   row's KV cache in fp32, so the row continues from fp32's numbers rather than its own dtype's);
-- resident memory, after gc.collect(), every SAMPLE_EVERY generations: first, last, max and
-  the least-squares slope over the run.
+- resident memory every SAMPLE_EVERY generations, after gc.collect() and glibc's malloc_trim
+  (freed heap pages handed back, so what remains is what is held): first, last, max and the
+  least-squares slope over the run; and the number of live Python objects, first and last.
 
 Run: python benchmarks/bench_soak.py [--generations N]   (about 2 minutes on a 2-core CPU)
 """
@@ -17,6 +18,7 @@ Run: python benchmarks/bench_soak.py [--generations N]   (about 2 minutes on a 2
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import random
 import sys
@@ -34,7 +36,7 @@ from halfsafe.observing import find_decoder_layers  # noqa: E402
 from halfsafe.testing import PAD, NanFault, build_tiny_model, byte_tokenizer  # noqa: E402
 
 NEW_TOKENS = 32
-SAMPLE_EVERY = 5
+SAMPLE_EVERY = 2
 PROMPTS = ["The capital of France is", "def add(a, b):", "上海有个非常出名的地方，", "1 + 1 =",
            "Once upon a time", "SELECT * FROM", "大阪で一番有名な食べ物は", "Water boils at"]
 GREEDY = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, top_p=None, top_k=None,
@@ -46,6 +48,16 @@ def batch_of(size: int) -> dict[str, torch.Tensor]:
     tokenizer.padding_side = "left"
     encoded = tokenizer(PROMPTS[:size], return_tensors="pt", padding=True)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def held_bytes() -> int:
+    """Resident memory after a full collection, with the heap's free pages handed back."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_bytes()
 
 
 def slope(samples: list[tuple[int, int]]) -> float:
@@ -87,8 +99,7 @@ def soak(model, dtype: torch.dtype, size: int, generations: int, rng: random.Ran
                 tally["other_rows"] += 1
                 tally["other_identical"] += same
         if generation % SAMPLE_EVERY == 0 or generation == generations - 1:
-            gc.collect()
-            memory.append((steps_done + tally["steps"], rss_bytes()))
+            memory.append((steps_done + tally["steps"], held_bytes()))
     return tally
 
 
@@ -108,8 +119,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     memory: list[tuple[int, int]] = []
     total_steps, started = 0, time.perf_counter()
-    gc.collect()
-    memory.append((0, rss_bytes()))
+    objects = len(gc.get_objects())
+    memory.append((0, held_bytes()))
     for dtype in (torch.float16, torch.bfloat16):
         for size in (1, 8):
             t = soak(model, dtype, size, args.generations, rng, memory, total_steps)
@@ -120,7 +131,8 @@ def main() -> None:
                   f"{t['faulted_identical']}/{t['faulted_rows']} |")
     rss = [r for _, r in memory]
     print(f"\n{total_steps} guarded steps in {time.perf_counter() - started:.0f} s")
-    print(f"resident memory after gc.collect(), {len(rss)} samples: first {rss[0] / 2**20:.1f} MiB, "
+    print(f"live Python objects: {objects:,} before, {len(gc.get_objects()):,} after")
+    print(f"resident memory after gc.collect() and malloc_trim, {len(rss)} samples: first {rss[0] / 2**20:.1f} MiB, "
           f"last {rss[-1] / 2**20:.1f} MiB, max {max(rss) / 2**20:.1f} MiB; "
           f"slope {slope(memory):.1f} bytes/step (over the run's second half: {slope(memory[len(memory) // 2:]):.1f})")
 

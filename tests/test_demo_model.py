@@ -1,5 +1,7 @@
 """The real gemma-3-270m base model (from PyPI): the failure the project exists for."""
 
+import os
+
 import pytest
 import torch
 
@@ -19,10 +21,13 @@ def test_demo_float16_is_unsafe_with_a_residual_of_order_1e5(demo_diagnosis):
     assert fp16.summary.startswith("float16: UNSAFE - residual stream reaches ")
 
 
-def test_demo_bfloat16_is_finite_and_agrees_with_fp32(demo_diagnosis):
+def test_demo_bfloat16_is_finite_and_agrees_with_fp32(demo_diagnosis, demo_fixed):
     bf16 = demo_diagnosis.verdicts[1]
     assert bf16.dtype == "bfloat16" and bf16.status == "safe" and bf16.all_finite
-    assert not bf16.continuation.startswith("<pad>")
+    shared = os.path.commonprefix([bf16.continuation, demo_diagnosis.reference_continuation])
+    assert len(shared) >= 10, (bf16.continuation, demo_diagnosis.reference_continuation)
+    fidelity = demo_fixed[1].fidelity["bfloat16"]
+    assert fidelity.nonfinite_share == 0 and fidelity.top1 >= 0.9, fidelity
 
 
 def test_demo_prepends_bos_and_float16_sampling_fails_as_reported(demo):
@@ -50,8 +55,8 @@ def test_demo_fixed_float16_meets_the_acceptance_numbers(demo_fixed):
     assert fixed.kl_mean <= bf16.kl_mean / 20
     # CPUs round half precision differently (99.58% on an Intel Xeon, 99.16% on an AMD EPYC,
     # 2 of 238 positions): at least 99%, and never below bfloat16's.
-    assert fixed.top1 >= max(0.99, bf16.top1)
-    assert fixed.greedy_identical >= 0.9 and fixed.new_tokens == 32
+    assert fixed.top1 >= max(0.99, bf16.top1), (fixed, bf16)
+    assert fixed.greedy_identical >= 0.9 and fixed.new_tokens == 32, fixed
 
 
 def test_demo_export_reproduces_the_numbers_in_plain_transformers(demo, demo_fixed, tmp_path):
