@@ -44,12 +44,10 @@ class Fidelity:
     greedy_identical: float | None  # share of prompts whose whole continuation equals fp32's
     new_tokens: int  # 0 where greedy decoding was not measured
     kl_values: list[float] = field(default_factory=list, repr=False)  # per position, for plots
-    # per prompt whose greedy tokens differ from fp32's: fp32's top-1 - top-2 logit gap where they first differ
-    divergence_gaps: list[float] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
         data = asdict(self)
-        del data["kl_values"], data["divergence_gaps"]
+        del data["kl_values"]
         return data
 
 
@@ -115,8 +113,6 @@ def measure_fidelity(
                 if progress is not None:
                     progress()
             results[name] = summarise(name, collected[name], ref_tokens, tokens, new_tokens)
-            if tokens is not None:
-                results[name].divergence_gaps = divergence_gaps(model, tokenizer, prompts, ref_tokens, tokens)
     return results
 
 
@@ -134,24 +130,6 @@ def greedy_tokens(model: nn.Module, tokenizer, prompts: list[str], new_tokens: i
         pad_token_id=tokenizer.pad_token_id,
     )
     return out[:, batch["input_ids"].shape[1]:].cpu()
-
-
-def divergence_gaps(model: nn.Module, tokenizer, prompts: list[str], reference: torch.Tensor, test: torch.Tensor
-                    ) -> list[float]:
-    """reference, test: [N, new_tokens] greedy tokens. For each prompt where they differ, fp32's
-    top-1 - top-2 logit gap at the first difference (the prompt and fp32's tokens before it, run
-    alone): a gap below half precision's noise is a near-tie, which either choice may take."""
-    device = next(model.parameters()).device
-    gaps = []
-    for prompt, ref, lengths in zip(prompts, reference, match_lengths(reference, test)):
-        at = int(lengths)
-        if at == reference.shape[1]:
-            continue
-        ids = encode(tokenizer, prompt, device)["input_ids"]
-        ids = torch.cat([ids, ref[None, :at].to(device)], dim=1)  # [1, T + at]
-        top = model(input_ids=ids, use_cache=False).logits[0, -1].double().topk(2).values
-        gaps.append(float(top[0] - top[1]))
-    return gaps
 
 
 def match_lengths(reference: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
