@@ -19,11 +19,9 @@ from halfsafe.guarding import (
     SanitizeLogits,
     guard,
 )
-from halfsafe.hooks import HookSet
 from halfsafe.loading import load_model
-from halfsafe.observing import find_decoder_layers
 from halfsafe.precision import compute_in
-from halfsafe.testing import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from halfsafe.testing import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, NanFault, build_tiny_model, byte_tokenizer
 
 GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=PAD)
 NEW = 12
@@ -41,42 +39,15 @@ def _batch(prompts, device="cpu"):
             if k in ("input_ids", "attention_mask")}
 
 
-class Fault:
-    """A forward hook that writes NaN into one layer's output, for some rows, on its k-th call only
-    (call 0 is the prompt's forward). The guard's own re-runs are later calls: they see no fault.
-    With `thread`, only that thread's forwards are counted and faulted."""
-
-    def __init__(self, model, step: int, rows=None, layer: int = 2, thread: int | None = None):
-        self.step, self.rows, self.calls, self.thread = step, rows, 0, thread
-        self.hooks = HookSet()
-        self.hooks.forward(find_decoder_layers(model)[1][layer], self)
-
-    def __call__(self, module, args, output):
-        if self.thread is not None and threading.get_ident() != self.thread:
-            return None
-        call, self.calls = self.calls, self.calls + 1
-        if call != self.step:
-            return None
-        hidden = (output[0] if isinstance(output, tuple) else output).clone()
-        hidden[self.rows if self.rows is not None else slice(None)] = float("nan")
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.remove()
-
-
 def test_fault_at_step_k_is_recovered_exactly_with_one_event(healthy):
     batch = _batch(SHORT_PROMPTS[:1])
     clean = healthy.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
-    with Fault(healthy, step=5):
+    with NanFault(healthy, step=5):
         broken = healthy.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert not torch.equal(broken, clean)  # the fault does break plain generate
 
     guarded = guard(healthy)
-    with Fault(healthy, step=5):
+    with NanFault(healthy, step=5):
         out = guarded.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert torch.equal(out, clean)
     report = guarded.report
@@ -90,7 +61,7 @@ def test_batch_of_four_only_the_broken_row_is_recovered_others_untouched(healthy
     batch = _batch(["The capital of France is", "def add(a, b):", "上海有个非常出名的地方，", "1 + 1 ="])
     clean = healthy.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     guarded = guard(healthy)
-    with Fault(healthy, step=3, rows=[2]):
+    with NanFault(healthy, step=3, rows=[2]):
         out = guarded.generate(**batch, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY)
     assert torch.equal(out, clean)
     assert {(e.step, e.row, e.kind) for e in guarded.report.events if e.kind in (NONFINITE, RECOVERED)} == {
@@ -115,7 +86,7 @@ def test_two_threads_through_one_guard_get_separate_correct_reports():
             batch = _batch(prompts[kind])
             start.wait()
             if kind == "faulted":
-                with Fault(healthy, step=3, thread=threading.get_ident()):
+                with NanFault(healthy, step=3, thread=threading.get_ident()):
                     out, report = guarded.generate_with_report(**batch, max_new_tokens=new[kind],
                                                                min_new_tokens=new[kind], **GREEDY)
             else:

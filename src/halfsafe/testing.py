@@ -12,6 +12,8 @@ byte-level tokenizer that prepends BOS), so tests exercise the same loading path
 
 from __future__ import annotations
 
+import threading
+
 from pathlib import Path
 
 import torch
@@ -245,3 +247,34 @@ def _at_bos(model, module, *, output: bool) -> torch.Tensor:
             hooks.pre_forward(module, lambda m, args: captured.append(args[0]))
         model(input_ids=torch.tensor([[BOS, 70, 71]], device=next(model.parameters()).device), use_cache=False)
     return captured[0][0, 0]
+
+
+class NanFault:
+    """A forward hook that writes NaN into one decoder layer's output, for some rows (default: all),
+    on that layer's `step`-th call only (call 0 is the prompt's forward). A guard's own re-runs
+    come after the faulty call: they see no fault. With `thread`, only that thread's forwards are
+    counted and faulted. Removed on leaving the `with` block."""
+
+    def __init__(self, model, step: int, rows: list[int] | None = None, layer: int = 2, thread: int | None = None):
+        from .hooks import HookSet
+        from .observing import find_decoder_layers
+
+        self.step, self.rows, self.calls, self.thread = step, rows, 0, thread
+        self.hooks = HookSet()
+        self.hooks.forward(find_decoder_layers(model)[1][layer], self)
+
+    def __call__(self, module, args, output):
+        if self.thread is not None and threading.get_ident() != self.thread:
+            return None
+        call, self.calls = self.calls, self.calls + 1
+        if call != self.step:
+            return None
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()  # [B, T, H]
+        hidden[self.rows if self.rows is not None else slice(None)] = float("nan")
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.remove()
