@@ -41,15 +41,19 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite
     try:
         model.save_pretrained(str(work), max_shard_size="2GB")
         tokenizer.save_pretrained(str(work))
-        publish(work, out)
+        publish(work, out, source=model.config.name_or_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def publish(directory: Path, out: Path) -> None:
-    """Give a finished checkpoint directory ordinary permissions and rename it to `out`,
-    replacing an existing `out` only once the new one is complete."""
+def publish(directory: Path, out: Path, *, source: str | Path | None = None) -> None:
+    """Write the model card (README.md, from config.json's `halfsafe` block), give a finished
+    checkpoint directory ordinary permissions and rename it to `out`, replacing an existing `out`
+    only once the new one is complete. `source`: where the model came from, for the card."""
+    from .modelcard import write_model_card
+
+    write_model_card(directory, source)
     _ordinary_permissions(directory)
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
