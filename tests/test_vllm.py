@@ -95,8 +95,13 @@ def prompts_file(tmp_path_factory, reference) -> Path:
 # -- the plugin: vLLM's own dtype resolution ----------------------------------------------------
 
 
-def test_plugin_lifts_float16_only_for_the_verified_fixed_checkpoint(fixed_demo, tmp_path):
-    result = run_checks("config", fixed_demo, demo_cache_dir(), tmp_path=tmp_path)
+@pytest.fixture(scope="module")
+def config_checks(fixed_demo, demo, tmp_path_factory) -> dict:
+    return run_checks("config", fixed_demo, demo_cache_dir(), tmp_path=tmp_path_factory.mktemp("vllm-config"))
+
+
+def test_plugin_lifts_float16_only_for_the_verified_fixed_checkpoint(config_checks):
+    result = config_checks
     refusal = "The model type 'gemma3_text' does not support float16. Reason: Numerical instability."
     assert result["fixed_float16"] == "torch.float16"
     assert refusal in result["demo_float16"]  # the unfixed demo: vLLM's own message
@@ -110,6 +115,16 @@ def test_plugin_lifts_float16_only_for_the_verified_fixed_checkpoint(fixed_demo,
     assert result["fail_soft_unchanged"]
     assert len(result["fail_soft_log"]) == 1
     assert "vLLM 0.32.0" in result["fail_soft_log"][0] and "_check_valid_dtype" in result["fail_soft_log"][0]
+
+
+def test_processor_on_a_vllm_batch(config_checks):
+    result = config_checks["processor"]
+    assert result["healthy_unchanged"] and not result["argmax_invariant"]
+    assert result["row1_at_2_5"] == [float("-inf"), 65504.0] and result["row1_finite"] == 199
+    assert (result["row2_end"], result["row2_finite"]) == (106, 1)  # the request's own end token
+    assert result["row3_end"] == 1  # all -inf: the model's end token
+    assert result["count"] == 3
+    assert result["after_swap_ends"] == [1, 1, 1, 106] and result["count_after"] == 7
 
 
 def test_without_the_plugin_vllm_refuses_the_fixed_checkpoint(fixed_demo, tmp_path):
@@ -129,14 +144,16 @@ def test_fixed_demo_in_vllm_float16_equals_fp32(fixed_demo, prompts_file, refere
     assert all(len(ids) == NEW_TOKENS and 0 not in ids for ids in result["sampled"])
 
 
-def test_unfixed_demo_with_the_processor_ends_every_request(demo, prompts_file, tmp_path):
-    result = run_checks("unfixed", demo_cache_dir(), prompts_file, tmp_path=tmp_path)
+def test_unfixed_demo_with_the_processor_ends_every_request(demo, fixed_demo, prompts_file, tmp_path):
+    result = run_checks("unfixed", demo_cache_dir(), fixed_demo, prompts_file, tmp_path=tmp_path)
     outputs = result["greedy"] + result["sampled"]
     assert result["dtype"] == "torch.float16"
     assert all(0 not in ids for ids in outputs)  # without the processor: token 0, 24 times each
     assert all(ids == [result["eos"]] for ids in outputs)  # every row NaN from the first step
     assert result["greedy_finish"] + result["sampled_finish"] == ["stop"] * len(outputs)
     assert result["sanitized_rows"] == len(outputs)
+    # counted in vLLM's worker process, read in the front end's
+    assert result["counted_by"] and f"{result['engine_pid']}.count" not in result["counted_by"]
 
 
 # -- the OpenAI-compatible server --------------------------------------------------------------

@@ -3,7 +3,7 @@
     checks.py config FIXED DEMO        vLLM's dtype resolution with halfsafe's plugin (no engine)
     checks.py plain FIXED              the same without the plugin (run with VLLM_PLUGINS=none)
     checks.py fixed FIXED PROMPTS      the fixed demo in float16 through the plugin alone
-    checks.py unfixed DEMO PROMPTS     the unfixed demo in float16, refusal lifted here, processor on
+    checks.py unfixed DEMO FIXED PROMPTS  the unfixed demo in float16, refusal lifted, processor on
 
 PROMPTS: a JSON file, a list of token-id lists. The result is one JSON line on stdout after
 RESULT_MARK (vLLM logs to stdout too).
@@ -77,7 +77,41 @@ def check_config(fixed: str, demo: str) -> dict:
     }
     without_bfloat16()
     return {**result, "no_bf16_fixed_auto": dtype_or_error(fixed, "auto"),
-            "no_bf16_demo_auto": dtype_or_error(demo, "auto")}
+            "no_bf16_demo_auto": dtype_or_error(demo, "auto"), "processor": check_processor(fixed)}
+
+
+def check_processor(fixed: str) -> dict:
+    """The processor alone on a real vLLM config and batch update: four rows, healthy, NaN and +inf
+    mixed, all NaN (its request's end token is 106), all -inf."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from halfsafe.vllm.processor import SanitizeLogits
+
+    config = VllmConfig(model_config=ModelConfig(model=fixed, dtype="float16"))
+    processor = SanitizeLogits(config, torch.device("cpu"), False)
+    ends = SamplingParams()
+    ends._eos_token_id = 106
+    added = [(0, SamplingParams(), [2], []), (1, SamplingParams(), [2], []), (2, ends, [2], []),
+             (3, SamplingParams(), [2], [])]
+    processor.update_state(BatchUpdate(batch_size=4, removed=[], added=added, moved=[]))
+    logits = torch.randn(4, 200, dtype=torch.float32)
+    healthy = logits[0].clone()
+    logits[1, 2], logits[1, 5] = float("nan"), float("inf")
+    logits[2] = float("nan")
+    logits[3] = float("-inf")
+    out = processor.apply(logits)
+    result = {"healthy_unchanged": bool(torch.equal(out[0], healthy)), "row1_at_2_5": out[1, [2, 5]].tolist(),
+              "row1_finite": int(torch.isfinite(out[1]).sum()), "row2_end": int(out[2].argmax()),
+              "row2_finite": int(torch.isfinite(out[2]).sum()), "row3_end": int(out[3].argmax()),
+              "count": int(processor.count), "argmax_invariant": processor.is_argmax_invariant()}
+    # The request ending in 106 moves to row 3 (a swap): its end token follows it.
+    swap = BatchUpdate(batch_size=4, removed=[], added=[], moved=[(2, 3, MoveDirectionality.SWAP)])
+    processor.update_state(swap)
+    out = processor.apply(torch.full((4, 200), float("nan")))
+    return {**result, "after_swap_ends": out.argmax(dim=-1).tolist(), "count_after": int(processor.count)}
 
 
 def check_plain(fixed: str) -> dict:
@@ -110,21 +144,31 @@ def run_engine(model: str, prompts: list[list[int]], **extra) -> tuple[dict, obj
     return result, llm
 
 
-def check_unfixed(demo: str, prompts: list[list[int]]) -> dict:
-    # The engine core in this process, so that lifting vLLM's refusal here reaches it.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import vllm.config.model as model_module
+def check_unfixed(demo: str, fixed: str, prompts: list[list[int]]) -> dict:
+    """The unfixed demo with the refusal lifted in every vLLM process, the plugin's way: a copy of
+    its directory (weights linked, not copied) whose config claims the fixed checkpoint's
+    verification. The engine core and its worker run in their own processes, as in production,
+    so the counter is read here from what they published."""
+    import tempfile
 
     from halfsafe.vllm import metrics
     from halfsafe.vllm.processor import SanitizeLogits
 
-    model_module._FLOAT16_NOT_SUPPORTED_MODELS.clear()
-    result, _ = run_engine(demo, prompts, logits_processors=[SanitizeLogits])
+    lifted = tempfile.mkdtemp(prefix="unfixed-claimed-")
+    for name in os.listdir(demo):
+        if name != "config.json":
+            os.symlink(os.path.join(demo, name), os.path.join(lifted, name))
+    config = json.load(open(os.path.join(demo, "config.json")))
+    config["halfsafe"] = json.load(open(os.path.join(fixed, "config.json")))["halfsafe"]
+    json.dump(config, open(os.path.join(lifted, "config.json"), "w"))
+    result, _ = run_engine(lifted, prompts, logits_processors=[SanitizeLogits])
     expected = len(result["greedy"]) + len(result["sampled"])
     deadline = time.monotonic() + 10  # the count is published by a thread, after the device has it
     while metrics.total() < expected and time.monotonic() < deadline:
         time.sleep(0.1)
     result["sanitized_rows"] = metrics.total()
+    result["engine_pid"] = os.getpid()
+    result["counted_by"] = sorted(p.name for p in metrics.metrics_dir().glob("*.count"))
     return result
 
 
@@ -137,7 +181,7 @@ def main() -> None:
     elif mode == "fixed":
         result, _ = run_engine(args[0], json.load(open(args[1])))
     elif mode == "unfixed":
-        result = check_unfixed(args[0], json.load(open(args[1])))
+        result = check_unfixed(args[0], args[1], json.load(open(args[2])))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(RESULT_MARK + json.dumps(result), flush=True)
