@@ -19,6 +19,8 @@ import functools
 import inspect
 import logging
 
+import torch
+
 logger = logging.getLogger("halfsafe.vllm")
 
 # What this plugin needs from vllm.config.model; if any moved, it changes nothing.
@@ -98,7 +100,7 @@ def _lifting(check):
 
     @functools.wraps(check)
     def wrapper(model_type, dtype, *args, **kwargs):
-        if _lifted.get() and str(dtype) == "torch.float16":
+        if _lifted.get() and dtype == torch.float16:
             return True
         return check(model_type, dtype, *args, **kwargs)
 
