@@ -45,7 +45,7 @@ def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite
         work = make_work_dir(out.parent, f".{out.name}.halfsafe")
         model.save_pretrained(str(work), max_shard_size="2GB")
         tokenizer.save_pretrained(str(work))
-        publish(work, out)
+        publish(work, out, source=model.config.name_or_path)
     except (OSError, SafetensorError) as exc:  # a full disk, a vanished directory: found only while writing
         raise HalfsafeError(f"could not write the checkpoint to --out '{out}': {_reason(exc)}; nothing was "
                             "written there; free some space or choose another directory") from exc
@@ -69,9 +69,13 @@ def _reason(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def publish(directory: Path, out: Path) -> None:
-    """Give a finished checkpoint directory ordinary permissions and rename it to `out`,
-    replacing an existing `out` only once the new one is complete."""
+def publish(directory: Path, out: Path, *, source: str | Path | None = None) -> None:
+    """Write the model card (README.md, from config.json's `halfsafe` block), give a finished
+    checkpoint directory ordinary permissions and rename it to `out`, replacing an existing `out`
+    only once the new one is complete. `source`: where the model came from, for the card."""
+    from .modelcard import write_model_card
+
+    write_model_card(directory, source)
     _ordinary_permissions(directory)
     if out.exists():
         trash = make_work_dir(out.parent, f".{out.name}.old")

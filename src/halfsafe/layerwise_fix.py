@@ -171,7 +171,7 @@ def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report,
     except OSError:
         pass  # the checkpoint has no generation config
     tokenizer.save_pretrained(str(target))
-    publish(target, out)
+    publish(target, out, source=lm.path)
     shutil.rmtree(work, ignore_errors=True)
     return out
 
