@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-
 from halfsafe.observing import find_decoder_layers  # noqa: E402
 from halfsafe.planning import power_of_two_scale  # noqa: E402
 from halfsafe.roles import apply_roles, derive_roles, exactness_gate  # noqa: E402
@@ -206,8 +205,8 @@ def render(rows: list[dict], header: str) -> str:
 
 
 def main() -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*")

@@ -23,15 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-
 from halfsafe.applying import scaled_weights, use_fix  # noqa: E402
+from halfsafe.cli.session import quiet_transformers  # noqa: E402
 from halfsafe.fixing import plan_rescale  # noqa: E402
 from halfsafe.loading import load_model  # noqa: E402
 from halfsafe.observing import observe  # noqa: E402
 from halfsafe.precision import cast_temporarily  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.registry import architecture_of  # noqa: E402
-from halfsafe.session import quiet_transformers  # noqa: E402
 from halfsafe.verifying import greedy_tokens, match_lengths, measure_fidelity  # noqa: E402
 
 NEW_TOKENS = 32

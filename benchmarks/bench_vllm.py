@@ -39,9 +39,8 @@ MARK = "BENCH-RESULT "
 
 def measure(name: str, fixed: str, new_tokens: int, repeats: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
-
     from halfsafe.loading import demo_cache_dir
+    from vllm import LLM, SamplingParams
 
     which, dtype, processor, plugin = CONFIGS[name]
     if not plugin:
@@ -69,6 +68,7 @@ def measure(name: str, fixed: str, new_tokens: int, repeats: int) -> dict:
 def machine() -> str:
     import torch
     import transformers
+
     import vllm
 
     cpu = platform.machine()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from halfsafe.cli.session import quiet_transformers
 from halfsafe.loading import load_model
-from halfsafe.session import quiet_transformers
 from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 
 quiet_transformers()

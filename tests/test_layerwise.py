@@ -224,7 +224,7 @@ def test_device_map_loads_the_in_memory_path(tiny_dirs, tmp_path, capsys):
 _RUN = textwrap.dedent("""
     import resource, sys
     from pathlib import Path
-    from halfsafe.session import quiet_transformers
+    from halfsafe.cli.session import quiet_transformers
     quiet_transformers()
     source, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     # The code both paths import (transformers' model classes) is not what is measured.

@@ -19,7 +19,7 @@ S = 2.0**-3
 PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 33, 44, 55]])]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(arch):
     """(model, derived roles) of a registry architecture's tiny planted model, shared by the
     tests that only read it (deriving and the gate restore every weight and eps)."""

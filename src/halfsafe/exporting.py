@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import HalfsafeError
-from .reporting import check_parent_writable
+from .outputs import check_parent_writable
 from .workdirs import make_work_dir, remove_stale_work_dirs
 
 

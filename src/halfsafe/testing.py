@@ -13,7 +13,6 @@ byte-level tokenizer that prepends BOS), so tests exercise the same loading path
 from __future__ import annotations
 
 import threading
-
 from pathlib import Path
 
 import torch

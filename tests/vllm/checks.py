@@ -84,11 +84,11 @@ def check_processor(fixed: str) -> dict:
     """The processor alone on a real vLLM config and batch update: four rows, healthy, NaN and +inf
     mixed, all NaN (its request's end token is 106), all -inf."""
     import torch
-    from vllm import SamplingParams
     from vllm.config import ModelConfig, VllmConfig
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
     from halfsafe.vllm.processor import SanitizeLogits
+    from vllm import SamplingParams
 
     config = VllmConfig(model_config=ModelConfig(model=fixed, dtype="float16"))
     processor = SanitizeLogits(config, torch.device("cpu"), False)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return run_generate(args)
         if args.command == "demo":
-            from ..demo import run_demo
+            from .demo import run_demo
 
             return run_demo(plot=args.plot, device=args.device)
     except HalfsafeError as exc:

@@ -13,7 +13,7 @@ EXIT_UNSAFE = 3
 
 
 def _load(args, console):
-    from ..session import load_for_cli
+    from .session import load_for_cli
 
     return load_for_cli(args.model, console, device=args.device, device_map=args.device_map,
                         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
@@ -41,9 +41,11 @@ def _check_layerwise(args) -> int | None:
 
 def run_diagnose(args) -> int:
     from ..dtypes import parse_dtype
+    from ..outputs import check_output_path, write_json
     from ..prompts import bundled_prompts, read_prompts
-    from ..reporting import check_output_path, plot_diagnosis, render_diagnosis, write_json
-    from ..session import diagnose_with_progress, make_console
+    from .plots import plot_diagnosis
+    from .render import render_diagnosis
+    from .session import diagnose_with_progress, make_console
 
     # Everything that can be refused is refused before the model loads.
     dtype = parse_dtype(args.dtype)
@@ -55,7 +57,7 @@ def run_diagnose(args) -> int:
     max_memory = _check_layerwise(args)
     console = make_console()
     if args.layerwise:
-        from ..session import diagnose_layerwise_with_progress
+        from .session import diagnose_layerwise_with_progress
 
         diagnosis = diagnose_layerwise_with_progress(args, console, prompts, dtype, max_memory)
     else:
@@ -75,10 +77,11 @@ def run_diagnose(args) -> int:
 def run_fix(args) -> int:
     from ..dtypes import parse_dtype
     from ..exporting import check_export_target, export_checkpoint, remove_stale_exports
+    from ..outputs import check_output_path, write_json
     from ..prompts import read_prompts
-    from ..reporting import check_output_path, render_fix, write_json
-    from ..session import fix_with_progress, make_console
     from ..workdirs import describe_removed
+    from .render import render_fix
+    from .session import fix_with_progress, make_console
 
     dtype = parse_dtype(args.dtype)
     _check_margin(args.margin)
@@ -108,7 +111,7 @@ def run_fix(args) -> int:
     if args.layerwise:
         from safetensors import SafetensorError
 
-        from ..session import fix_layerwise_with_progress
+        from .session import fix_layerwise_with_progress
 
         try:
             report = fix_layerwise_with_progress(args, console, dtype=dtype, calibration=calibration,
@@ -141,9 +144,11 @@ def run_fix(args) -> int:
 
 def run_compare(args) -> int:
     from ..comparing import parse_variants
+    from ..outputs import check_output_path, write_json
     from ..prompts import HELDOUT, bundled_prompts, read_prompts
-    from ..reporting import check_output_path, plot_comparison, render_comparison, write_json
-    from ..session import compare_with_progress, make_console
+    from .plots import plot_comparison
+    from .render import render_comparison
+    from .session import compare_with_progress, make_console
 
     names = parse_variants(args.variants)
     texts = read_prompts(args.texts) if args.texts else bundled_prompts(HELDOUT)
@@ -169,10 +174,11 @@ def run_compare(args) -> int:
 
 
 def run_generate(args) -> int:
-    from ..generating import check_generation_args, generate_text
+    from ..outputs import check_output_path, write_json, write_json_lines
     from ..prompts import read_prompts
-    from ..reporting import check_output_path, render_generation, write_json, write_json_lines
-    from ..session import load_for_generation, make_console
+    from .generate import check_generation_args, generate_text
+    from .render import render_generation
+    from .session import load_for_generation, make_console
 
     if args.prompt is not None:
         prompts = [args.prompt]

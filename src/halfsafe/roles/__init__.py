@@ -8,8 +8,15 @@ what cannot be rescaled exactly. `exactness_gate` applies them in fp32 and compa
 
 from .deriving import derive_roles, probe_invariance
 from .gate import (
-    EXACT_BOUND, GateResult, apply_roles, applying_scales, eps_settings, exactness_gate, output_exponents,
-    scaled_parameters, use_roles,
+    EXACT_BOUND,
+    GateResult,
+    apply_roles,
+    applying_scales,
+    eps_settings,
+    exactness_gate,
+    output_exponents,
+    scaled_parameters,
+    use_roles,
 )
 from .roles import Roles
 

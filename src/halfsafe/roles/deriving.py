@@ -34,7 +34,15 @@ from torch import nn
 from .roles import Roles
 from .tracing import SHAPE, Trace, first_tensor, trace_model
 from .walking import (
-    LINEAR, Scaling, Unscalable, _linear_params, exclusive_scalers, only_read_along, param_of, producer, scalers,
+    LINEAR,
+    Scaling,
+    Unscalable,
+    _linear_params,
+    exclusive_scalers,
+    only_read_along,
+    param_of,
+    producer,
+    scalers,
 )
 
 PROBE_SCALE = 2.0**-3

@@ -54,7 +54,7 @@ class Roles:
                 roles[site], pairs[site] = "t", pair
         return roles, pairs
 
-    def without(self, module: str) -> "Roles":
+    def without(self, module: str) -> Roles:
         """A copy with `module`'s parameters dropped from the scales (to show the gate can fail)."""
         data = self.to_json()
         data["scales"] = {n: v for n, v in data["scales"].items() if n.rsplit(".", 1)[0] != module}
@@ -65,7 +65,7 @@ class Roles:
         return json.loads(json.dumps(asdict(self)))
 
     @classmethod
-    def from_json(cls, data: dict) -> "Roles":
+    def from_json(cls, data: dict) -> Roles:
         data = dict(data)
         data["eps"] = [tuple(x) for x in data.get("eps", [])]
         data["pairs"] = [tuple(x) for x in data.get("pairs", [])]

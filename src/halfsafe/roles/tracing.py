@@ -39,7 +39,7 @@ SHAPE = {
     "view", "reshape", "contiguous", "to", "float", "half", "bfloat16", "double", "type", "type_as", "clone",
     "dropout", "getitem", "transpose", "permute", "squeeze", "unsqueeze", "flatten", "unflatten", "expand",
     "expand_as", "narrow", "view_as", "reshape_as", "select", "movedim", "swapaxes", "split", "chunk", "unbind",
-    "tensor_split", "alias", "get", "t", "repeat", "roll", "detach", "contiguous", "requires_grad", "cpu", "cuda",
+    "tensor_split", "alias", "get", "t", "repeat", "roll", "detach", "requires_grad", "cpu", "cuda",
 }
 
 

@@ -58,8 +58,9 @@ def verified_for_float16(config) -> bool:
 
 def _lift_float16_for_fixed() -> None:
     try:
-        import vllm
         import vllm.config.model as model_module
+
+        import vllm
     except Exception as exc:  # noqa: BLE001 - a broken vLLM must not break anything else
         logger.warning("halfsafe: vllm.config.model could not be imported (%s); fixed checkpoints stay "
                        "refused in float16", exc)

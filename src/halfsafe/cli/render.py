@@ -1,25 +1,15 @@
-"""Render a Diagnosis: rich tables for the terminal, JSON for machines, a PNG for people.
-
-Files are written to a temporary name beside the target and renamed, so a failed run never
-leaves a half-written report.
-"""
+"""Rich tables and one-line summaries for the terminal: diagnosis, fix, comparison, generation."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .diagnosing import Diagnosis
-from .errors import HalfsafeError
-from .observing import ATTN_LOGITS
-from .workdirs import make_work_dir
+from ..diagnosing import Diagnosis
+from ..observing import ATTN_LOGITS
 
 RISKIEST = 10
 
@@ -88,117 +78,6 @@ def _within_layer(name: str | None) -> str:
 # -- files ---------------------------------------------------------------------------------
 
 
-def check_output_path(path: str | Path, what: str) -> Path:
-    """Refuse an output file that cannot be written, before any work is done."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise HalfsafeError(f"{what} path '{path}' is a directory; give a file name")
-    check_parent_writable(path, f"{what} path")
-    return path
-
-
-def check_parent_writable(path: Path, label: str) -> None:
-    """The directory an output is created in must exist and take a new entry.
-
-    Tried for real (a directory made and removed) rather than asked of `os.access`, which
-    answers yes for root on /proc and /sys, where creating anything fails.
-    """
-    parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise HalfsafeError(f"{label} '{path}': '{parent}' is a file, not a directory; choose another location")
-    if not parent.is_dir():
-        raise HalfsafeError(f"{label} '{path}': directory '{parent}' does not exist; create it first")
-    try:
-        os.rmdir(make_work_dir(parent, f".{path.name}.halfsafe"))
-    except OSError as exc:
-        raise HalfsafeError(f"{label} '{path}': nothing can be created in '{parent}' ({exc.strerror}); "
-                            "choose a directory you can write to") from exc
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_json(data: dict, path: str | Path) -> Path:
-    path = check_output_path(path, "JSON")
-
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(_finite_json(data), handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-
-    _atomic_write(path, write)
-    return path
-
-
-def write_json_lines(rows: list[dict], path: str | Path) -> Path:
-    """One JSON object per line (events for a log pipeline), written atomically."""
-    path = check_output_path(path, "JSON lines")
-
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(_finite_json(row), ensure_ascii=False) + "\n")
-
-    _atomic_write(path, write)
-    return path
-
-
-def _finite_json(value):
-    """JSON has no inf/nan: write them as the strings 'inf', '-inf', 'nan'."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    return value
-
-
-def plot_diagnosis(diagnosis: Diagnosis, path: str | Path) -> Path:
-    """PNG: per-layer max |activation| on a log scale against the dtype's limit."""
-    path = check_output_path(path, "plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    layers = [layer.layer for layer in diagnosis.layers]
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
-    ax.plot(layers, [layer.residual_max for layer in diagnosis.layers], "o-", color="tab:blue",
-            linewidth=2, label="residual stream (after layer)")
-    ax.plot(layers, [layer.sublayer_max for layer in diagnosis.layers], "s", color="tab:orange",
-            label="largest sublayer output or interior")
-    qk = [(layer.layer, layer.attn_logits_max) for layer in diagnosis.layers if layer.attn_logits_max]
-    if qk:
-        eager = diagnosis.attn_implementation == "eager"
-        ax.plot(*zip(*qk, strict=True), "^", color="tab:purple", alpha=1.0 if eager else 0.45,
-                label="attention q.k (eager only)" if not eager else "attention q.k (before scaling)")
-    limit = diagnosis.target.dtype_max
-    ax.axhline(limit, color="tab:red", linestyle="--", label=f"{diagnosis.dtype} max ({limit:,.0f})")
-    ax.axhline(limit / diagnosis.margin, color="tab:red", linestyle=":", alpha=0.5,
-               label=f"margin ({diagnosis.margin:g}x)")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("max |activation| (fp32 run)")
-    ax.set_title(f"{diagnosis.model}\n{diagnosis.target.summary}", fontsize=8, wrap=True)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    _atomic_write(path, lambda temporary: fig.savefig(temporary, format="png"))
-    plt.close(fig)
-    return path
-
-
 def fidelity_table(fidelity: dict, title: str) -> Table:
     """One row per variant, in the field's metrics (KL vs fp32, top-1, delta-p, greedy match)."""
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
@@ -251,42 +130,6 @@ def _num(value, digits: int = 1) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
-
-
-def plot_comparison(results, path: str | Path, title: str) -> Path:
-    """PNG: the distribution of per-position KL(fp32 || variant), log x axis, one line per variant."""
-    path = check_output_path(path, "plot")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    bins = np.logspace(-10, 1, 56)
-    for result in results:
-        name, fidelity = result.variant, result.fidelity
-        values = np.asarray(fidelity.kl_values, dtype=float)
-        if name == "fp32" or values.size == 0:
-            continue
-        if not np.isfinite(values).all():
-            ax.plot([], [], " ", label=f"{name}: non-finite at {fidelity.nonfinite_share:.0%} of positions")
-            continue
-        ax.hist(np.clip(values, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.8,
-                label=f"{name} (mean {fidelity.kl_mean:.1e})")
-    ax.set_xscale("log")
-    ax.set_xlabel("KL(fp32 || variant) per token position")
-    ax.set_ylabel("positions")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _atomic_write(path, lambda temporary: fig.savefig(temporary, format="png"))
-    plt.close(fig)
-    return path
-
-
-# -- generation ----------------------------------------------------------------------------
 
 
 def render_generation(result, console: Console) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from rich.rule import Rule
 
-from .diagnosing import AT_RISK_MARGIN, greedy_continuation
-from .guarding import NONFINITE, GuardedGenerator
-from .loading import DEMO, cache_root
-from .precision import cast_temporarily
-from .prompts import bundled_prompts
-from .reporting import check_output_path, plot_diagnosis, render_diagnosis, render_fix
+from ..diagnosing import AT_RISK_MARGIN, greedy_continuation
+from ..guarding import NONFINITE, GuardedGenerator
+from ..loading import DEMO, cache_root
+from ..outputs import check_output_path
+from ..precision import cast_temporarily
+from ..prompts import bundled_prompts
+from .plots import plot_diagnosis
+from .render import render_diagnosis, render_fix
 from .session import diagnose_with_progress, fix_with_progress, load_for_cli, make_console
 
 PROMPT = "上海有个非常出名的地方，"  # the prompt of a widely shared Qwen float16 failure report

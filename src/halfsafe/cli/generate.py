@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .advising import generation_advice
-from .dtypes import dtype_name
-from .errors import HalfsafeError
-from .guarding import GuardedGenerator, GuardReport
-from .timing import now
+from ..advising import generation_advice
+from ..dtypes import dtype_name
+from ..errors import HalfsafeError
+from ..guarding import GuardedGenerator, GuardReport
+from ..timing import now
 
 DEFAULT_NEW_TOKENS = 64
 
@@ -155,7 +155,7 @@ def generate_text(
 def _fit_new_tokens(model: nn.Module, prompt_tokens: int, max_new_tokens: int, advice: list[str], notify) -> int:
     """A prompt past the model's positions is refused (cutting it would change what is being
     continued); a generation that would run past them is shortened, with a notice."""
-    from .prompts import max_positions
+    from ..prompts import max_positions
 
     positions = max_positions(model)
     if positions is None or prompt_tokens + max_new_tokens <= positions:

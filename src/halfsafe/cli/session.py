@@ -9,10 +9,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .diagnosing import Diagnosis, diagnose
-from .dtypes import dtype_name, format_bytes
-from .errors import HalfsafeError
-from .loading import DEMO, DEMO_NAME, LoadedModel, is_demo_cached, load_model
+from ..diagnosing import Diagnosis, diagnose
+from ..dtypes import dtype_name, format_bytes
+from ..errors import HalfsafeError
+from ..loading import DEMO, DEMO_NAME, LoadedModel, is_demo_cached, load_model
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -79,8 +79,8 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
     the checkpoint is not already fixed; an architecture the registry does not know runs in
     plain float16, where the guard recovers what overflows.
     """
-    from .advising import choose_dtype
-    from .dtypes import parse_dtype
+    from ..advising import choose_dtype
+    from ..dtypes import parse_dtype
 
     notes = []
     if dtype.strip().lower() == "auto":
@@ -96,8 +96,8 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
         loaded.model.to(wanted)
         notes.append("the checkpoint is already fixed by halfsafe")
     if fix:
-        from .fixing import fix as fix_model
-        from .prompts import bundled_prompts
+        from ..fixing import fix as fix_model
+        from ..prompts import bundled_prompts
 
         try:
             calibration = fit_to_model(loaded.model, loaded.tokenizer, bundled_prompts(), what="calibration prompts")
@@ -112,7 +112,7 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
 def fit_to_model(model, tokenizer, prompts: list[str], *, reserve: int = 0, what: str) -> list[str]:
     """The prompts cut to the model's positions (less `reserve` generated tokens), with a
     notice on stderr when any was cut: the command line truncates where the library refuses."""
-    from .prompts import fit_prompts
+    from ..prompts import fit_prompts
 
     fitted, notice = fit_prompts(model, tokenizer, prompts, reserve=reserve, what=what)
     if notice:
@@ -123,7 +123,7 @@ def fit_to_model(model, tokenizer, prompts: list[str], *, reserve: int = 0, what
 def diagnose_with_progress(
     loaded: LoadedModel, prompts: list[str], dtype: torch.dtype, margin: float, console: Console
 ) -> Diagnosis:
-    from .diagnosing import CONTINUATION_TOKENS
+    from ..diagnosing import CONTINUATION_TOKENS
 
     prompts = fit_to_model(loaded.model, loaded.tokenizer, prompts, reserve=CONTINUATION_TOKENS,
                            what="calibration prompts")
@@ -137,8 +137,8 @@ def diagnose_with_progress(
 
 
 def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
-    from .fixing import VERIFY_TOKENS, fix
-    from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+    from ..fixing import VERIFY_TOKENS, fix
+    from ..prompts import CALIBRATION, HELDOUT, bundled_prompts
 
     model, tokenizer = loaded.model, loaded.tokenizer
     kwargs["calibration"] = fit_to_model(model, tokenizer, kwargs.get("calibration") or bundled_prompts(CALIBRATION),
@@ -152,8 +152,8 @@ def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
 
 
 def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str], names: list[str], **kwargs):
-    from .comparing import compare
-    from .prompts import bundled_prompts
+    from ..comparing import compare
+    from ..prompts import bundled_prompts
 
     model, tokenizer = loaded.model, loaded.tokenizer
     texts = fit_to_model(model, tokenizer, texts, reserve=kwargs.get("new_tokens", 32), what="texts")
@@ -169,8 +169,8 @@ def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str
 
 def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
     """MODEL's skeleton and tokenizer, for the layer-wise path."""
-    from .layerwise_fix import open_layerwise
-    from .loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
+    from ..layerwise_fix import open_layerwise
+    from ..loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
 
     target = resolve_device(args.device)
     quiet_transformers()
@@ -188,7 +188,7 @@ def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
 
 def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str], dtype: torch.dtype,
                                      max_memory: int | None) -> Diagnosis:
-    from .layerwise_fix import diagnose_layerwise
+    from ..layerwise_fix import diagnose_layerwise
 
     lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
     prompts = fit_to_model(lm.model, tokenizer, prompts, what="calibration prompts")
@@ -199,9 +199,8 @@ def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str],
 
 
 def fix_layerwise_with_progress(args, console: Console, *, max_memory: int | None, **kwargs):
-    from .layerwise_fix import fix_layerwise
-
-    from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+    from ..layerwise_fix import fix_layerwise
+    from ..prompts import CALIBRATION, HELDOUT, bundled_prompts
 
     lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
     kwargs["calibration"] = fit_to_model(lm.model, tokenizer, kwargs.get("calibration") or bundled_prompts(CALIBRATION),
