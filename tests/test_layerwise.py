@@ -288,8 +288,8 @@ def test_a_model_several_times_the_cap_is_fixed_under_it_with_the_in_memory_resu
 
 # Types beyond the registry, each exercising another part of the derived roles: OLMo 2 (linear
 # readers compensated by 1/s), Phi-3 (fused qkv and gate_up), GLM-4 (post-sublayer norms),
-# Granite (residual and embedding multipliers), StarCoder 2 (LayerNorm with biases).
-NEW_TYPES = ["olmo2", "phi3", "glm4", "granite", "starcoder2"]
+# GPT-NeoX (parallel attention and MLP), StarCoder 2 (LayerNorm with biases).
+NEW_TYPES = ["olmo2", "phi3", "glm4", "gpt_neox", "starcoder2"]
 
 
 @pytest.mark.parametrize("model_type", NEW_TYPES)
