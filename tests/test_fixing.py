@@ -131,6 +131,20 @@ def test_an_architecture_outside_the_registry_is_rescaled_through_derived_roles(
     assert report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
 
 
+def test_roles_exact_only_in_memory_refuse_an_export_before_any_work():
+    """Qwen3-Next's gated-delta-net norm shares the config's eps but cannot carry it in a
+    checkpoint: `fix` for export refuses it up front; in memory it stays allowed."""
+    from halfsafe.errors import HalfsafeError
+    from halfsafe.shrinking import tiny_model
+    from halfsafe.testing import VOCAB
+
+    model = tiny_model("qwen3_next", vocab_size=VOCAB)
+    refusal = r"exactly in memory but not as a checkpoint: .*linear_attn\.norm.*load_fixed"
+    with pytest.raises(HalfsafeError, match=refusal):
+        fix(model, TOKENIZER, for_export=True, **SHORT)
+    assert getattr(model.config, "halfsafe", None) is None
+
+
 def test_broken_roles_are_refused_by_the_exactness_gate_before_anything_changes():
     """The pipeline's exactness stage can fail: a backend that drops one writer from the derived
     roles is refused with the worst position and the keep-fp32 suggestion, the model untouched."""
