@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from halfsafe.cli import main
-from halfsafe.testing import build_tiny_model, byte_tokenizer, save_tiny_model, save_unregistered_model
+from halfsafe.shrinking import tiny_model
+from halfsafe.testing import VOCAB, build_tiny_model, byte_tokenizer, save_tiny_model, save_unregistered_model
 
 LINUX = sys.platform.startswith("linux")
 
@@ -31,6 +32,9 @@ def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inputs")
     llama = save_tiny_model("llama", root / "llama", plant=None)
     save_unregistered_model(root / "gpt2")  # 64 learned positions
+    ctrl = tiny_model("ctrl", vocab_size=VOCAB)  # its roles are refused: a constant enters the stream
+    ctrl.save_pretrained(str(root / "ctrl"))
+    byte_tokenizer().save_pretrained(str(root / "ctrl"))
     save_unregistered_model(root / "smallvocab", vocab_size=100)  # the byte tokenizer's ids reach 258
     (root / "empty").mkdir()
     _copy(llama, root / "badconfig").joinpath("config.json").write_text("{not json\n")
@@ -159,8 +163,8 @@ CASES = {
     "empty --variants": (["compare", "{in}/llama", "--variants", " , "], "--variants is empty"),
     "fixed: pointing nowhere": (["compare", "{in}/llama", "--variants", "fp32,fixed:{in}/nowhere"],
                                 "is not a directory; give an exported checkpoint"),
-    "unregistered architecture": (["fix", "{in}/gpt2", "--out", "{out}/fixed", "--prompts", "{in}/ok.txt"],
-                                  "GPT2LMHeadModel is not in halfsafe's architecture registry"),
+    "roles refused": (["fix", "{in}/ctrl", "--out", "{out}/fixed", "--prompts", "{in}/ok.txt"],
+                      "CTRLLMHeadModel cannot be rescaled exactly: what enters transformer.h.0 cannot be scaled"),
     "unregistered architecture, keep-fp32 with --out": (
         ["fix", "{in}/gpt2", "--strategy", "keep-fp32", "--out", "{out}/fixed"],
         "--strategy keep-fp32 cannot be exported"),
@@ -254,6 +258,17 @@ def test_keep_fp32_runs_on_an_unregistered_architecture(inputs, tmp_path, capsys
     assert "truncated to their first 64 tokens" in captured.err
     assert "plan (keep-fp32)" in captured.out
     assert json.loads(plan.read_text())["strategy"] == "keep-fp32"
+
+
+def test_an_unregistered_architecture_is_rescaled_through_derived_roles(inputs, tmp_path):
+    """GPT-2 is not in the registry: its roles are derived from the model, proven exact in fp32,
+    and the export goes through the same path as every other model."""
+    out = tmp_path / "fixed"
+    assert _run(["fix", str(inputs / "gpt2"), "--out", str(out), "--prompts", str(inputs / "ok.txt"),
+                 "--heldout", str(inputs / "ok.txt"), "--device", "cpu"]) == 0
+    block = json.loads((out / "config.json").read_text())["halfsafe"]
+    assert block["plan"]["architecture"] == "GPT2LMHeadModel" and block["exactness"]["equal"]
+    assert (out / "model.safetensors").exists()
 
 
 def test_generation_past_the_positions_is_shortened_with_a_notice(inputs, capsys):

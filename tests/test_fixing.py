@@ -6,11 +6,10 @@ import sys
 import pytest
 import torch
 
-from halfsafe.applying import is_tied, scaled_weights, use_fix
-from halfsafe.errors import HalfsafeError
+from halfsafe.applying import is_tied, norm_eps_settings, scaled_weights, use_fix
 from halfsafe.fixing import VerificationFailed, fix
 from halfsafe.observing import observe
-from halfsafe.planning import make_plan
+from halfsafe.planning import make_plan, site_roles
 from halfsafe.precision import cast_temporarily
 from halfsafe.registry import ARCHITECTURES as REGISTRY
 from halfsafe.registry import architecture_of
@@ -44,13 +43,15 @@ def test_fix_makes_planted_overflow_finite_and_preserves_the_function(arch, plan
         assert not all(torch.isfinite(x).all() for x in logits(model))  # broken before
 
     # In fp32 the rescaled model is the same function: the scales are powers of two and the
-    # norms' eps is scaled with them.
+    # norms' eps is scaled with them. Planned here from the registry entry: `fix` derives the
+    # roles from the model and must reach the same plan.
+    arch = architecture_of(model)
     recorder = observe(model, TOKENIZER, SHORT_PROMPTS)
-    plan = make_plan(recorder.sites(), architecture_of(model), recorder.num_layers, dtype=torch.float16,
-                     tied=is_tied(model))
+    plan = make_plan(recorder.sites(), site_roles(arch, recorder.num_layers, is_tied(model)),
+                     architecture=type(model).__name__, dtype=torch.float16)
     assert not plan.is_identity
-    exact = scaled_weights(model, architecture_of(model), plan, torch.float32)
-    with use_fix(model, architecture_of(model), plan, exact):
+    exact = scaled_weights(model, arch, plan, torch.float32)
+    with use_fix(model, norm_eps_settings(model, arch, plan), plan, exact):
         for ref, out in zip(reference, logits(model), strict=True):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -107,13 +108,61 @@ def test_a_bfloat16_target_is_gated_against_bfloat16_without_the_fix():
         fix(build_tiny_model("gemma3_text"), TOKENIZER, dtype=torch.bfloat16, margin=1e40, **SHORT)
 
 
-def test_unknown_architecture_is_a_clear_error():
+def _planted_gpt2():
+    """A tiny GPT-2 (not in the registry) whose residual channel 3 reaches 1e5 at every token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).eval()
-    with pytest.raises(HalfsafeError,
-                       match="GPT2LMHeadModel is not in halfsafe's architecture registry .supported: gemma"):
-        fix(model, TOKENIZER)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
+                                       eos_token_id=2)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight[:, 3] = 0.0
+        model.transformer.h[0].mlp.c_proj.bias[3] = 1e5
+    return model
+
+
+def test_an_architecture_outside_the_registry_is_rescaled_through_derived_roles():
+    """GPT-2 (learned positions, Conv1D writers with biases, LayerNorm readers) is not in the
+    registry: its roles are derived from the model and proven bit-exact before the fix."""
+    fixed, report = fix(_planted_gpt2(), TOKENIZER, **SHORT)
+    assert report.plan.architecture == "GPT2LMHeadModel" and report.plan.residual_scale < 1
+    assert report.exactness["equal"]
+    assert all(torch.isfinite(out).all() for out in logits(fixed))
+    assert report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
+
+
+def test_roles_exact_only_in_memory_refuse_an_export_before_any_work():
+    """Qwen3-Next's gated-delta-net norm shares the config's eps but cannot carry it in a
+    checkpoint: `fix` for export refuses it up front; in memory it stays allowed."""
+    from halfsafe.errors import HalfsafeError
+    from halfsafe.shrinking import tiny_model
+    from halfsafe.testing import VOCAB
+
+    model = tiny_model("qwen3_next", vocab_size=VOCAB)
+    refusal = r"exactly in memory but not as a checkpoint: .*linear_attn\.norm.*load_fixed"
+    with pytest.raises(HalfsafeError, match=refusal):
+        fix(model, TOKENIZER, for_export=True, **SHORT)
+    assert getattr(model.config, "halfsafe", None) is None
+
+
+def test_broken_roles_are_refused_by_the_exactness_gate_before_anything_changes():
+    """The pipeline's exactness stage can fail: a backend that drops one writer from the derived
+    roles is refused with the worst position and the keep-fp32 suggestion, the model untouched."""
+    from halfsafe.fixing import InMemory
+    from halfsafe.pipeline import run
+
+    class OneWriterMissing(InMemory):
+        def roles(self):
+            return super().roles().without("model.layers.1.mlp.down_proj")
+
+    model = build_tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(VerificationFailed, match=r"exactness gate failed.*position \d+.*keep-fp32") as raised:
+        run(OneWriterMissing(model, TOKENIZER), dtype=torch.float16, strategy="rescale", margin=4.0,
+            calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT, max_kl=None, verify=True)
+    assert raised.value.exit_code == 4
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert getattr(model.config, "halfsafe", None) is None
 
 
 # -- the command and the exported checkpoint ----------------------------------------------------
@@ -221,15 +270,8 @@ def test_keep_fp32_makes_planted_overflow_finite(arch):
 
 
 def test_keep_fp32_works_where_the_registry_has_no_entry():
-    """GPT-2 is unknown to the registry: rescaling refuses it, keep-fp32 runs it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2, bos_token_id=1,
-                                       eos_token_id=2)).eval()
-    with torch.no_grad():
-        model.transformer.h[0].mlp.c_proj.weight[:, 3] = 0.0
-        model.transformer.h[0].mlp.c_proj.bias[3] = 1e5  # every token's residual channel 3 reaches 1e5
+    """GPT-2 is unknown to the registry: keep-fp32 needs no roles at all."""
+    model = _planted_gpt2()
     reference = logits(model)
     with cast_temporarily(model, torch.float16):
         assert not all(torch.isfinite(x).all() for x in logits(model))

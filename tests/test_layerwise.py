@@ -284,3 +284,37 @@ def test_a_model_several_times_the_cap_is_fixed_under_it_with_the_in_memory_resu
     assert layerwise < cap < in_memory, (layerwise, cap, in_memory)
     ours, theirs = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "in-memory")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# Types beyond the registry, each exercising another part of the derived roles: OLMo 2 (linear
+# readers compensated by 1/s), Phi-3 (fused qkv and gate_up), GLM-4 (post-sublayer norms),
+# GPT-NeoX (parallel attention and MLP), StarCoder 2 (LayerNorm with biases).
+NEW_TYPES = ["olmo2", "phi3", "glm4", "gpt_neox", "starcoder2"]
+
+
+@pytest.mark.parametrize("model_type", NEW_TYPES)
+def test_layerwise_equals_in_memory_on_types_the_registry_never_knew(tmp_path, model_type):
+    """Layer-wise roles come from a narrow stand-in of the config: the observation, plan and
+    every exported tensor equal the in-memory fix's, whose roles come from the model itself."""
+    from halfsafe.observing import find_decoder_layers
+    from halfsafe.roles import derive_roles
+    from halfsafe.shrinking import plant_massive_activation, tiny_model
+    from halfsafe.testing import VOCAB, byte_tokenizer
+
+    model = tiny_model(model_type, vocab_size=VOCAB)
+    path, layers = find_decoder_layers(model)
+    assert plant_massive_activation(model, layers, path, derive_roles(model)) > 65504
+    source = tmp_path / "source"
+    model.save_pretrained(str(source))
+    byte_tokenizer().save_pretrained(str(source))
+    loaded = load_model(str(source))
+    expected = {s.name: s for s in observe(loaded.model, loaded.tokenizer, CALIBRATION[:3]).sites()}
+    assert {s.name: s for s in observe_layerwise(LayerwiseModel(source), loaded.tokenizer, CALIBRATION[:3])} == expected
+    fixed, report = fix(loaded.model, loaded.tokenizer, calibration=CALIBRATION[:3], heldout=HELD[:2])
+    export_checkpoint(fixed, loaded.tokenizer, tmp_path / "in-memory")
+    layerwise = fix_layerwise(open_layerwise(source), loaded.tokenizer, tmp_path / "layerwise",
+                              calibration=CALIBRATION[:3], heldout=HELD[:2])
+    assert layerwise.plan == report.plan and report.plan.residual_scale < 1
+    ours, theirs = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "in-memory")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _config(tmp_path / "layerwise") == _config(tmp_path / "in-memory")

@@ -8,11 +8,16 @@ import torch
 
 from halfsafe.errors import HalfsafeError
 from halfsafe.observing import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, SUBLAYER, SiteStat
-from halfsafe.planning import Plan, make_plan, power_of_two_scale
+from halfsafe.planning import Plan, make_plan, power_of_two_scale, site_roles
 from halfsafe.registry import ARCHITECTURES
 
 LLAMA = ARCHITECTURES["LlamaForCausalLM"]
 GEMMA3 = ARCHITECTURES["Gemma3ForCausalLM"]
+
+
+def plan_for(sites, arch, layers, *, tied=False, **kwargs):
+    """`make_plan` with the registry entry's site roles (the fix derives the same from the model)."""
+    return make_plan(sites, site_roles(arch, layers, tied), architecture=arch.name, **kwargs)
 
 
 def site(name, kind, layer, value):
@@ -46,44 +51,44 @@ def test_power_of_two_scale_is_the_largest_that_fits(value, target, expected):
 
 
 def test_residual_of_1e5_gets_an_eighth_with_margin_4():
-    plan = make_plan(observation(residual=1e5), LLAMA, 2, dtype=torch.float16, margin=4)
+    plan = plan_for(observation(residual=1e5), LLAMA, 2, dtype=torch.float16, margin=4)
     assert plan.residual_scale == 2**-3 and plan.mlp_scales == {}
     assert plan.max_before == 1e5 and plan.site_before == "model.layers.1"
     assert plan.max_after == pytest.approx(12_500) and plan.unfixable == []
 
 
 def test_no_overflow_gives_scale_one_and_says_so():
-    plan = make_plan(observation(), LLAMA, 2, dtype=torch.float16)
+    plan = plan_for(observation(), LLAMA, 2, dtype=torch.float16)
     assert plan.is_identity
     assert plan.describe().startswith("no rescaling needed")
 
 
 def test_interior_overflow_scales_only_that_layer():
-    plan = make_plan(observation(interior=1.5e5), LLAMA, 2, dtype=torch.float16, margin=4)
+    plan = plan_for(observation(interior=1.5e5), LLAMA, 2, dtype=torch.float16, margin=4)
     assert plan.residual_scale == 1.0
-    assert plan.mlp_scales == {1: 2**-4}
+    assert plan.mlp_scales == {"model.layers.1.mlp.up_proj->model.layers.1.mlp.down_proj": 2**-4}
     assert plan.max_after < 65504 / 4
 
 
 def test_tied_final_norm_grows_by_the_inverse_scale():
     sites = observation(residual=1e5, final_norm=5000.0)
-    assert make_plan(sites, GEMMA3, 2, dtype=torch.float16, tied=False).unfixable == []
-    tied = make_plan(sites, GEMMA3, 2, dtype=torch.float16, tied=True)
+    assert plan_for(sites, GEMMA3, 2, dtype=torch.float16, tied=False).unfixable == []
+    tied = plan_for(sites, GEMMA3, 2, dtype=torch.float16, tied=True)
     assert tied.site_after == "model.norm" and tied.max_after == 40_000
 
 
 def test_eager_attention_overflow_requires_sdpa():
     sites = observation(qk=1e5)
-    assert make_plan(sites, LLAMA, 2, dtype=torch.float16, attn_implementation="eager").attn_implementation == "sdpa"
-    assert make_plan(sites, LLAMA, 2, dtype=torch.float16, attn_implementation="sdpa").attn_implementation is None
+    assert plan_for(sites, LLAMA, 2, dtype=torch.float16, attn_implementation="eager").attn_implementation == "sdpa"
+    assert plan_for(sites, LLAMA, 2, dtype=torch.float16, attn_implementation="sdpa").attn_implementation is None
 
 
 def test_bfloat16_needs_no_scaling():
-    assert make_plan(observation(residual=1e5), LLAMA, 2, dtype=torch.bfloat16).is_identity
+    assert plan_for(observation(residual=1e5), LLAMA, 2, dtype=torch.bfloat16).is_identity
 
 
 def test_plan_round_trips_through_json():
-    plan = make_plan(observation(residual=1e5, interior=1.5e5), LLAMA, 2, dtype=torch.float16)
+    plan = plan_for(observation(residual=1e5, interior=1.5e5), LLAMA, 2, dtype=torch.float16)
     again = Plan.from_json(json.loads(plan.dumps()))
     assert again == plan
     assert math.log2(again.residual_scale).is_integer()
@@ -91,9 +96,9 @@ def test_plan_round_trips_through_json():
 
 def test_margin_below_one_is_refused():
     with pytest.raises(HalfsafeError, match="margin 0.5 must be at least 1"):
-        make_plan(observation(), LLAMA, 2, dtype=torch.float16, margin=0.5)
+        plan_for(observation(), LLAMA, 2, dtype=torch.float16, margin=0.5)
 
 
 def test_a_non_finite_observation_is_a_halfsafe_error():
     with pytest.raises(HalfsafeError, match=r"cannot scale a non-finite observation \(inf\)"):
-        make_plan(observation(residual=float("inf")), LLAMA, 2, dtype=torch.float16)
+        plan_for(observation(residual=float("inf")), LLAMA, 2, dtype=torch.float16)

@@ -5,7 +5,10 @@ checked finite) without touching the model; `use_fix` runs the model with them f
 `apply_fix` puts them in for good. Keeping the two
 apart lets `fix` verify the result against the untouched fp32 model before committing.
 
-Per writer, in terms of the plan's residual scale s and layer i's MLP scale t:
+Which parameters and eps move comes from the model's derived roles (`roles.applying_scales`,
+`roles.eps_settings`); `scale_factors` and `norm_eps_settings` give the same from a registry
+entry (the tests cross-check the two). Per writer, in terms of the residual scale s and a
+pair's scale t:
 - linear writer (o_proj, down_proj, stacked expert down_proj): weight and bias *= s;
 - norm writer (Gemma's post-norms, gain = offset + w): w' = s * (offset + w) - offset;
 - embedding *= s; if it is tied to the output embedding, the logits would scale by s, so the
@@ -84,7 +87,7 @@ def scale_factors(model: nn.Module, arch: Architecture, plan: Plan) -> dict[str,
                 companion = _resolve(layer, path)
                 if companion is not None:
                     scale_writer(companion, s)
-        t = plan.mlp_scales.get(index, 1.0)
+        t = plan.mlp_scales.get(_pair_key(arch, index), 1.0) if arch.mlp_pair else 1.0
         if t != 1.0:
             up, down = (_resolve(layer, path) for path in arch.mlp_pair)
             if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
@@ -94,6 +97,11 @@ def scale_factors(model: nn.Module, arch: Architecture, plan: Plan) -> dict[str,
             scale_writer(up, t)
             scale(down.weight, 1.0 / t)
     return scales
+
+
+def _pair_key(arch: Architecture, index: int) -> str:
+    layer = f"{arch.prefix}.{arch.layers}.{index}"
+    return f"{layer}.{arch.mlp_pair[0]}->{layer}.{arch.mlp_pair[1]}"
 
 
 def _resolve(layer: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
@@ -149,10 +157,13 @@ def norm_eps_settings(model: nn.Module, arch: Architecture, plan: Plan) -> list[
     return settings
 
 
+Settings = list[tuple[object, str, float]]  # (object, attribute, new value): the eps x s^2
+
+
 @contextmanager
-def use_fix(model: nn.Module, arch: Architecture, plan: Plan, weights: dict[str, torch.Tensor]):
-    """Run the model as fixed (weights, eps, attention kernel) inside the block; restore it after."""
-    settings = norm_eps_settings(model, arch, plan)
+def use_fix(model: nn.Module, settings: Settings, plan: Plan, weights: dict[str, torch.Tensor]):
+    """Run the model as fixed (weights, eps `settings`, attention kernel) inside the block;
+    restore it after."""
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in settings]
     attention = model.config._attn_implementation
     try:
@@ -169,13 +180,9 @@ def use_fix(model: nn.Module, arch: Architecture, plan: Plan, weights: dict[str,
             model.set_attn_implementation(attention)
 
 
-def apply_fix(model: nn.Module, arch: Architecture, plan: Plan, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """Write the fix into the model: its parameters become `weights`, its norms' eps scale by
-    s^2, and its attention kernel becomes the one the plan requires, if any."""
-    for obj, attr, value in norm_eps_settings(model, arch, plan):
-        setattr(obj, attr, value)
-    if plan.attn_implementation:
-        model.set_attn_implementation(plan.attn_implementation)
+def put_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Write the fix's weights into the model for good (its eps and attention kernel are
+    `pipeline.finalise`'s)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():

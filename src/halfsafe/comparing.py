@@ -64,16 +64,16 @@ def parse_variants(spec: str) -> list[str]:
 
 def build_variants(model: nn.Module, tokenizer, names: list[str], *, calibration: list[str], margin: float):
     """name -> Variant (a factory of context managers yielding the model to run)."""
-    from .applying import scaled_weights, use_fix
-    from .fixing import plan_rescale
+    from .fixing import InMemory
     from .loading import load_model
-    from .observing import observe
-    from .precision import cast_temporarily, clamp_residual
-    from .registry import architecture_of
+    from .pipeline import rescaling
+    from .precision import cast_temporarily, clamp_residual, stream_readers
+
+    readers = stream_readers(model) if "fp16-clamp" in names else []
 
     @contextmanager
     def clamped():
-        with cast_temporarily(model, torch.float16), clamp_residual(model):
+        with cast_temporarily(model, torch.float16), clamp_residual(model, readers=readers):
             yield model
 
     variants = {}
@@ -86,11 +86,10 @@ def build_variants(model: nn.Module, tokenizer, names: list[str], *, calibration
         elif name == "fp16-clamp":
             variants[name] = clamped
         elif name == "fp16-fixed":
-            arch = architecture_of(model)
-            plan = plan_rescale(model, observe(model, tokenizer, calibration).sites(), dtype=torch.float16,
-                                margin=margin)
-            weights = scaled_weights(model, arch, plan, torch.float16)
-            variants[name] = lambda arch=arch, plan=plan, weights=weights: use_fix(model, arch, plan, weights)
+            # The pipeline's stages up to the plan (roles, exactness, observation), run as `fix` would.
+            backend = InMemory(model, tokenizer)
+            fix, _, _ = rescaling(backend, calibration, dtype=torch.float16, margin=margin)
+            variants[name] = backend.variant(fix, torch.float16)
         else:  # fixed:DIR, as a user of that checkpoint would load it
             path = name.removeprefix("fixed:")
             config = json.loads((Path(path) / "config.json").read_text())

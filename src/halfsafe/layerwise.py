@@ -401,18 +401,17 @@ def cast_variant(lm: LayerwiseModel, dtype: torch.dtype):
     return _weights_context(lm, lambda name, tensor: tensor.to(dtype))
 
 
-def fixed_variant(lm: LayerwiseModel, arch, plan, dtype: torch.dtype):
-    """The model as `fix` leaves it: scaled weights in `dtype`, norms' eps, attention kernel."""
-    from .applying import scale_factors, scaled_tensor, use_fix
-
-    scales = scale_factors(lm.model, arch, plan)
+def fixed_variant(lm: LayerwiseModel, scales: dict, settings: list, plan, dtype: torch.dtype):
+    """The model as `fix` leaves it: weights scaled by `scales` (parameter -> `applying._Scale`)
+    in `dtype`, the eps `settings`, the plan's attention kernel."""
+    from .applying import scaled_tensor, use_fix
 
     @contextmanager
     def context(unit):
         names = set(lm.unit_names(unit))
         weights = {n: scaled_tensor(n, p.data, scales.get(n), dtype)
                    for n, p in lm.model.named_parameters() if n in names and p.is_floating_point()}
-        with use_fix(lm.model, arch, plan, weights):
+        with use_fix(lm.model, settings, plan, weights):
             yield
 
     return context
@@ -457,15 +456,15 @@ def observe_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, stat
 # -- verification ----------------------------------------------------------------------------
 
 
-def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], arch, plan, dtype: torch.dtype, *,
-                     progress=None) -> dict:
+def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], scales: dict, settings: list, plan,
+                     dtype: torch.dtype, *, progress=None) -> dict:
     """`fix`'s verification, one layer at a time: the fixed model and bfloat16 against fp32, by the
     same per-position metrics (teacher-forced; greedy decoding needs the whole model)."""
     from .observing import encode
     from .verifying import position_metrics, summarise
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
-    variants = {"fp32": lambda unit: nullcontext(), "fixed": fixed_variant(lm, arch, plan, dtype),
+    variants = {"fp32": lambda unit: nullcontext(), "fixed": fixed_variant(lm, scales, settings, plan, dtype),
                 "bfloat16": cast_variant(lm, torch.bfloat16)}  # the gate's reference, whatever the target
     sweep = _Sweep(lm, batches, variants)
     sweep.capture()

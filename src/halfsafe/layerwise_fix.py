@@ -1,8 +1,9 @@
 """`diagnose --layerwise` and `fix --layerwise`: the in-memory jobs, one layer at a time.
 
-The same observation, plan, gate and checkpoint as the in-memory path (the plan comes from the
-same `plan_rescale`, the weights from the same `scaled_tensor`), with memory bounded by the
-largest unit. The work directory beside `--out` holds the observation state and the shards as
+The pipeline's stages (`pipeline.run`) on the `Layerwise` backend: the same roles (derived on a
+narrow stand-in of the config, `roles.standin`), exactness gate, observation, plan, gate and
+checkpoint as the in-memory path, with memory bounded by the largest unit. The work directory
+beside `--out` holds the observation state and the shards as
 they are written; a rerun with the same settings resumes, a rerun with other settings starts
 over. `--out` appears only when everything is written.
 """
@@ -84,21 +85,75 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.halfsafe-partial"
 
 
+class Layerwise:
+    """The pipeline's backend for a model streamed from disk, one unit at a time.
+
+    Roles, the exactness gate and the sites' roles run on a narrow stand-in built from the
+    checkpoint's config (same depth, layer kinds and parameter names; random weights, a few MB):
+    roles name parameters and eps, never widths or values, so they are the model's own (the
+    tests check that layer-wise and in-memory give the same plan and shards). The probes are the
+    stand-in's own token ids (its vocabulary is shrunk), not the calibration prompts.
+    """
+
+    def __init__(self, lm: LayerwiseModel, tokenizer, work: Path, out: Path, progress=None):
+        self.lm, self.tokenizer, self.work, self.out, self.progress = lm, tokenizer, work, out, progress
+        self.model = lm.model
+        self._standin = None
+
+    def _stand_in(self):
+        from .roles.standin import standin_model
+
+        if self._standin is None:
+            self._standin = standin_model(self.model.config)
+        return self._standin
+
+    def roles(self):
+        from .roles.standin import roles_of_standin
+
+        return roles_of_standin(self._stand_in(), {n for n, _ in self.model.named_parameters()})
+
+    def prove(self, roles, prompts: list[str]):
+        from .roles import exactness_gate
+        from .roles.deriving import default_probe_ids
+
+        model = self._stand_in()
+        return exactness_gate(model, roles, [default_probe_ids(model, 16), default_probe_ids(model, 7)])
+
+    def site_roles(self, roles, prompt: str):
+        from .roles import output_exponents
+        from .roles.deriving import default_probe_ids
+
+        model = self._stand_in()
+        return roles.site_roles(output_exponents(model, roles, default_probe_ids(model)))
+
+    def observe(self, prompts: list[str], progress=None):
+        return observe_layerwise(self.lm, self.tokenizer, prompts, state_dir=self.work, progress=progress)
+
+    def verify(self, prompts: list[str], fix, dtype: torch.dtype, progress=None) -> dict:
+        return verify_layerwise(self.lm, self.tokenizer, prompts, fix.scales(), fix.settings(self.model), fix.plan,
+                                dtype, progress=progress)
+
+    def speed_ratio(self, fix, dtype: torch.dtype, prompt: str) -> float:
+        raise HalfsafeError("--layerwise writes a rescaled checkpoint; it does not combine with --strategy keep-fp32")
+
+    def commit(self, fix, dtype: torch.dtype, report) -> None:
+        export_layerwise(self.lm, fix, dtype, report, self.tokenizer, self.work, self.out, progress=self.progress)
+
+
 def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch.float16,
                   margin: float = PLANNING_MARGIN, calibration: list[str] | None = None,
                   heldout: list[str] | None = None, max_kl: float | None = None, verify: bool = True,
                   overwrite: bool = False, progress=None):
     """Observe, plan, verify and export `lm` for `dtype`, one unit at a time; returns the report.
 
-    Raises VerificationFailed (nothing written, the work directory removed) when the gate fails.
+    Raises VerificationFailed (nothing written, the work directory removed) when a gate fails.
     """
     from .exporting import check_export_target
-    from .fixing import FixReport, VerificationFailed, gate, plan_rescale
-    from .registry import architecture_of
+    from .gating import VerificationFailed
+    from .pipeline import run
 
     dtype = parse_dtype(dtype)
     out = check_export_target(out, overwrite=overwrite, source=lm.path)
-    arch = architecture_of(lm.model)
     calibration = calibration or bundled_prompts(CALIBRATION)
     heldout = heldout or bundled_prompts(HELDOUT)
     work = _open_work_dir(out, {
@@ -106,32 +161,28 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
         "dtype": dtype_name(dtype), "margin": margin, "calibration": calibration,
         "heldout": heldout if verify else None, "max_kl": max_kl,
     })
-    sites = observe_layerwise(lm, tokenizer, calibration, state_dir=work, progress=progress)
-    plan = plan_rescale(lm.model, sites, dtype=dtype, margin=margin)
-    report = FixReport(plan, calibration_prompts=len(calibration), verification_prompts=len(heldout) if verify else 0)
-    if verify:
-        report.fidelity = verify_layerwise(lm, tokenizer, heldout, arch, plan, dtype, progress=progress)
-        try:
-            gate(report, dtype, max_kl)
-        except VerificationFailed:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-    export_layerwise(lm, arch, plan, dtype, report, tokenizer, work, out, progress=progress)
-    return report
+    backend = Layerwise(lm, tokenizer, work, out, progress)
+    try:
+        return run(backend, dtype=dtype, strategy="rescale", margin=margin, calibration=calibration, heldout=heldout,
+                   max_kl=max_kl, verify=verify, for_export=True, progress=progress)
+    except VerificationFailed:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
-def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
+def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
                      *, progress=None) -> Path:
     """One shard per unit, each tensor read, scaled (`applying.scaled_tensor`), cast and written
-    under its name on disk; then config (eps scaled, dtype, `halfsafe` block), generation config
-    and tokenizer; then the rename to `out`."""
+    under its name on disk; then config (`pipeline.finalise`: eps, dtype, `halfsafe` block),
+    generation config and tokenizer; then the rename to `out`."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from .applying import norm_eps_settings, scale_factors, scaled_tensor
+    from .applying import scaled_tensor
     from .exporting import publish
+    from .pipeline import finalise
 
-    scales = scale_factors(lm.model, arch, plan)
+    scales = fix.scales()
     target = work / "checkpoint"
     target.mkdir(exist_ok=True)
     # One shard per layer; outside the layers one per tensor (an embedding can take gigabytes).
@@ -158,14 +209,8 @@ def export_layerwise(lm: LayerwiseModel, arch, plan, dtype: torch.dtype, report,
             progress()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for obj, attr, value in norm_eps_settings(lm.model, arch, plan):
-        setattr(obj, attr, value)
-    if plan.attn_implementation:
-        lm.model.set_attn_implementation(plan.attn_implementation)
-    config = lm.model.config
-    config.dtype = dtype
-    config.halfsafe = report.to_json()
-    config.save_pretrained(str(target))
+    finalise(lm.model, fix, dtype, report)
+    lm.model.config.save_pretrained(str(target))
     try:
         GenerationConfig.from_pretrained(str(lm.path)).save_pretrained(str(target))
     except OSError:

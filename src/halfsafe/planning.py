@@ -3,8 +3,12 @@
 - `residual_scale` s multiplies the residual stream: every writer (embedding, attention and
   MLP outputs, or Gemma's post-norms) is scaled by s; the readers are RMSNorms, which are
   scale-invariant, so the function is unchanged.
-- `mlp_scales[i]` t multiplies the interior of layer i's MLP: `up *= t`, `down *= 1/t`, so
-  `act(gate) * up` shrinks and the MLP's output does not change.
+- `mlp_scales[pair]` t multiplies the interior of a (producer, consumer) pair inside a sublayer
+  ('producer->consumer', e.g. an MLP's up -> down or attention's v -> o): the producer *= t,
+  the consumer's weight *= 1/t, so the values between them shrink and the output does not change.
+
+Which sites move with s, 1/s or a pair's t comes from the model's derived roles
+(`Roles.site_roles`); `site_roles` below gives the same from a registry entry (tests cross-check).
 
 Each scale is the largest power of two that brings its sites below `dtype max / margin`:
 a power of two is exact in floating point, and scaling further than needed pushes small
@@ -34,7 +38,7 @@ class Plan:
     dtype: str
     margin: float
     residual_scale: float = 1.0
-    mlp_scales: dict[int, float] = field(default_factory=dict)  # layer -> t, only where t != 1
+    mlp_scales: dict[str, float] = field(default_factory=dict)  # 'producer->consumer' -> t, where t != 1
     attn_implementation: str | None = None  # "sdpa" where eager attention logits would overflow
     max_before: float = 0.0
     site_before: str = ""
@@ -48,13 +52,13 @@ class Plan:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data["mlp_scales"] = {str(k): v for k, v in sorted(self.mlp_scales.items())}
+        data["mlp_scales"] = dict(sorted(self.mlp_scales.items()))
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> Plan:
         data = dict(data)
-        data["mlp_scales"] = {int(k): float(v) for k, v in data.get("mlp_scales", {}).items()}
+        data["mlp_scales"] = {str(k): float(v) for k, v in data.get("mlp_scales", {}).items()}
         return cls(**data)
 
     def describe(self) -> str:
@@ -63,8 +67,8 @@ class Plan:
                     f"{self.margin:g}x below the {self.dtype} limit (scale 1, weights unchanged)")
         parts = [f"residual stream x {_power(self.residual_scale)}"]
         if self.mlp_scales:
-            inner = ", ".join(f"{i}: {_power(t)}" for i, t in sorted(self.mlp_scales.items()))
-            parts.append(f"MLP interior x ({inner})")
+            inner = ", ".join(f"{pair}: {_power(t)}" for pair, t in sorted(self.mlp_scales.items()))
+            parts.append(f"interior x ({inner})")
         if self.attn_implementation:
             parts.append(f"attention must run {self.attn_implementation} (eager q.k overflows)")
         return (f"{'; '.join(parts)}; max {self.max_before:,.0f} ({self.site_before}) -> "
@@ -89,18 +93,21 @@ def power_of_two_scale(value: float, target: float) -> float:
     return 2.0 ** -math.ceil(math.log2(value / target))
 
 
-def site_roles(arch: Architecture, num_layers: int, tied: bool) -> tuple[dict[str, str], dict[str, int]]:
-    """Which sites scale with the residual scale ('s'), its inverse ('1/s') or their layer's
-    MLP scale ('t').
+SiteRoles = tuple[dict[str, str], dict[str, str]]  # (site -> 's', '1/s' or 't'; 't' site -> its pair)
 
-    Returns (role by site name, layer by site name for 't' sites). Every other site is
+
+def site_roles(arch: Architecture, num_layers: int, tied: bool) -> SiteRoles:
+    """A registry entry's answer to which sites scale with the residual scale ('s'), its inverse
+    ('1/s') or their pair's scale ('t'); the fix asks the derived roles (`Roles.site_roles`).
+
+    Returns (role by site name, pair 'producer->consumer' by site name for 't' sites). Every other site is
     unchanged by the plan: readers' outputs, q/k/v, gate, logits. With a tied embedding the
     final norm's gain is divided by s to keep the logits, so its output grows by 1/s.
     """
     roles: dict[str, str] = {}
     if tied:
         roles[f"{arch.prefix}.{arch.final_norm}"] = "1/s"
-    layers: dict[str, int] = {}
+    pairs: dict[str, str] = {}
     base = f"{arch.prefix}.{arch.layers}"
     for index in range(num_layers):
         layer = f"{base}.{index}"
@@ -109,26 +116,26 @@ def site_roles(arch: Architecture, num_layers: int, tied: bool) -> tuple[dict[st
         if arch.mlp_pair:
             up, down = arch.mlp_pair
             for name in (f"{layer}.{up}", f"{layer}.{down}:input"):
-                roles[name], layers[name] = "t", index
-    return roles, layers
+                roles[name], pairs[name] = "t", f"{layer}.{up}->{layer}.{down}"
+    return roles, pairs
 
 
 def make_plan(
     sites: list[SiteStat],
-    arch: Architecture,
-    num_layers: int,
+    site_roles: SiteRoles,
     *,
+    architecture: str,
     dtype,
     margin: float = PLANNING_MARGIN,
     attn_implementation: str = "sdpa",
-    tied: bool = False,
 ) -> Plan:
-    """Scales for `sites` (an fp32 observation) so that every scaled site ends below limit / margin."""
+    """Scales for `sites` (an fp32 observation) so that every scaled site ends below limit / margin.
+    `site_roles`: which sites move with s, 1/s or a pair's t (`Roles.site_roles` or `site_roles`)."""
     if margin < 1:
         raise HalfsafeError(f"margin {margin} must be at least 1 (a factor below the dtype's maximum)")
     limit = dtype_max(dtype)
     target = limit / margin
-    roles, role_layers = site_roles(arch, num_layers, tied)
+    roles, role_pairs = site_roles
 
     def role(site: SiteStat) -> str:
         if site.kind in (RESIDUAL, EMBEDDING):
@@ -137,15 +144,15 @@ def make_plan(
 
     residual = max((s.max_abs for s in sites if role(s) == "s"), default=0.0)
     s = power_of_two_scale(residual, target)
-    interiors: dict[int, float] = {}
+    interiors: dict[str, float] = {}
     for site in sites:
         if role(site) == "t":
-            layer = role_layers[site.name]
-            interiors[layer] = max(interiors.get(layer, 0.0), site.max_abs)
+            pair = role_pairs[site.name]
+            interiors[pair] = max(interiors.get(pair, 0.0), site.max_abs)
     mlp_scales = {i: t for i, v in interiors.items() if (t := power_of_two_scale(v, target)) != 1.0}
 
     def after(site: SiteStat) -> float:
-        factor = {"s": s, "1/s": 1 / s, "t": mlp_scales.get(role_layers.get(site.name), 1.0)}.get(role(site), 1.0)
+        factor = {"s": s, "1/s": 1 / s, "t": mlp_scales.get(role_pairs.get(site.name), 1.0)}.get(role(site), 1.0)
         return site.max_abs * factor
 
     eager_qk = [x for x in sites if x.kind == ATTN_LOGITS and x.max_abs > limit]
@@ -153,7 +160,7 @@ def make_plan(
     top_before = max(counted, key=lambda x: x.max_abs)
     top_after = max(counted, key=after)
     return Plan(
-        architecture=arch.name,
+        architecture=architecture,
         dtype=dtype_name(dtype),
         margin=margin,
         residual_scale=s,

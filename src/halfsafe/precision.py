@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import HalfsafeError
 from .hooks import HookSet
 
 
@@ -43,20 +44,19 @@ def cast_temporarily(model: nn.Module, dtype: torch.dtype):
 
 
 @contextmanager
-def clamp_residual(model: nn.Module, bound: float = 64_504.0):
+def clamp_residual(model: nn.Module, bound: float = 64_504.0, readers: list[str] | None = None):
     """Clamp the residual stream to +-bound after every addition: the approach of T5 and of
     ONNX exports, kept as a baseline to compare the fix against (it trades overflow for
     distortion).
 
     The additions are inline code, not modules, so the clamps sit where the sums are read:
     before every norm that reads the stream (in place, so the layer's `residual` variable,
-    the same tensor, is clamped too) and on every layer's output. The readers come from the
-    architecture registry.
+    the same tensor, is clamped too) and on every layer's output. The readers are the model's
+    derived scale-invariant ones (`stream_readers`; pass `readers` to derive them once).
     """
     from .observing import find_decoder_layers
-    from .registry import architecture_of
 
-    arch = architecture_of(model)
+    readers = stream_readers(model) if readers is None else readers
 
     def clamp_input(module, args):
         args[0].clamp_(-bound, bound)
@@ -70,9 +70,20 @@ def clamp_residual(model: nn.Module, bound: float = 64_504.0):
     with HookSet() as hooks:
         for layer in layers:
             hooks.forward(layer, clamp_output)
-            for reader in arch.readers:
-                hooks.pre_forward(layer.get_submodule(reader), clamp_input)
+        for reader in readers:
+            hooks.pre_forward(model.get_submodule(reader), clamp_input)
         yield model
+
+
+def stream_readers(model: nn.Module) -> list[str]:
+    """The modules that read the residual stream and are scale-invariant (its norms), by name,
+    from the model's derived roles; refused roles are a HalfsafeError."""
+    from .roles import derive_roles
+
+    roles = derive_roles(model)
+    if roles.refused:
+        raise HalfsafeError(f"cannot find {roles.model_class}'s residual-stream readers: {roles.refusals[0]}")
+    return [name for name, how in roles.readers.items() if how.startswith("scale-invariant")]
 
 
 @contextmanager

@@ -1,5 +1,10 @@
 """Per-architecture knowledge, as data: who writes into the residual stream, who reads it.
 
+The fix no longer reads this file: `fix` derives the roles from the model (`roles/`) and
+proves them exact. These nine hand-written entries stay as the tests' independent cross-check
+(tests/test_roles.py: the derived scales and eps equal these on every entry and on the real
+demo model), and as the place for overrides of what cannot be derived (issue 13, item 2).
+
 In a pre-norm transformer every reader of the residual stream is an RMSNorm, and
 `rms(s * x) = s * rms(x)`: multiplying every *writer* by `s` scales the stream by `s` and
 changes nothing downstream (docs/numerics.md, section 3). An entry therefore lists, per decoder
@@ -16,7 +21,7 @@ Paths are relative to the decoder layer, except `embedding` and `final_norm`, wh
 relative to `prefix`. A role may list several candidates (a MoE model mixes dense and expert
 layers): each layer uses the ones it has, and must have at least one.
 
-Adding an architecture is an entry here plus a tiny-model test (tests/test_fixing.py).
+Adding an architecture needs no entry: a tiny planted model of its type in tests/test_roles.py.
 """
 
 from __future__ import annotations

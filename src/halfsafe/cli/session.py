@@ -76,8 +76,8 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
     """Load MODEL to generate in `dtype` ('auto' chooses by hardware); returns notes that say why.
 
     `auto` on a GPU without bfloat16 means float16 with halfsafe's fix, applied in memory when
-    the checkpoint is not already fixed; an architecture the registry does not know runs in
-    plain float16, where the guard recovers what overflows.
+    the checkpoint is not already fixed (the same pipeline as `fix`, without verification); a
+    model whose roles are refused runs in plain float16, where the guard recovers what overflows.
     """
     from ..advising import choose_dtype
     from ..dtypes import parse_dtype

@@ -28,6 +28,22 @@ _KEEP = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "layer_types"
 def roles_from_config(config, parameter_names: set[str] | None = None, seed: int = 0) -> Roles:
     """The roles of the model `config` describes, derived on a narrow stand-in. `parameter_names`:
     the real checkpoint's, to check the roles against (a mismatch is an error naming it)."""
+    return roles_of_standin(standin_model(config, seed), parameter_names)
+
+
+def roles_of_standin(model, parameter_names: set[str] | None = None) -> Roles:
+    """`derive_roles` on a stand-in, checked against the real checkpoint's `parameter_names`."""
+    roles = derive_roles(model)
+    if parameter_names is not None:
+        missing = sorted(set(roles.scales) - set(parameter_names))
+        if missing:
+            raise HalfsafeError(f"the roles derived on a narrow stand-in name {missing[0]}, which the checkpoint does "
+                                f"not have ({len(missing)} such name(s)); use --strategy keep-fp32")
+    return roles
+
+
+def standin_model(config, seed: int = 0):
+    """The narrow stand-in (fp32, random weights, eval mode) of the model `config` describes."""
     from transformers import AutoModelForCausalLM
 
     from ..shrinking import shrink_config
@@ -44,11 +60,4 @@ def roles_from_config(config, parameter_names: set[str] | None = None, seed: int
     for name, value in kept_text.items():
         setattr(narrow_text, name, value)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(narrow, dtype=torch.float32).eval()
-    roles = derive_roles(model)
-    if parameter_names is not None:
-        missing = sorted(set(roles.scales) - set(parameter_names))
-        if missing:
-            raise HalfsafeError(f"the roles derived on a narrow stand-in name {missing[0]}, which the checkpoint does "
-                                f"not have ({len(missing)} such name(s)); use --strategy keep-fp32")
-    return roles
+    return AutoModelForCausalLM.from_config(narrow, dtype=torch.float32).eval()
