@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-from halfsafe.observing import find_decoder_layers  # noqa: E402
-from halfsafe.planning import power_of_two_scale  # noqa: E402
+from halfsafe.fixing.observe import find_decoder_layers  # noqa: E402
+from halfsafe.fixing.plan import power_of_two_scale  # noqa: E402
 from halfsafe.roles import apply_roles, derive_roles, exactness_gate  # noqa: E402
 from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model  # noqa: E402
 

@@ -23,15 +23,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-from halfsafe.applying import scaled_weights, use_fix  # noqa: E402
 from halfsafe.cli.session import quiet_transformers  # noqa: E402
-from halfsafe.fixing import plan_rescale  # noqa: E402
-from halfsafe.loading import load_model  # noqa: E402
-from halfsafe.observing import observe  # noqa: E402
-from halfsafe.precision import cast_temporarily  # noqa: E402
+from halfsafe.fixing.apply import scaled_weights, use_fix  # noqa: E402
+from halfsafe.fixing.fix import plan_rescale  # noqa: E402
+from halfsafe.fixing.observe import observe  # noqa: E402
+from halfsafe.fixing.verify import greedy_tokens, match_lengths, measure_fidelity  # noqa: E402
+from halfsafe.model.loading import load_model  # noqa: E402
+from halfsafe.model.precision import cast_temporarily  # noqa: E402
+from halfsafe.model.registry import architecture_of  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
-from halfsafe.registry import architecture_of  # noqa: E402
-from halfsafe.verifying import greedy_tokens, match_lengths, measure_fidelity  # noqa: E402
 
 NEW_TOKENS = 32
 MARGINS = (2.0, 4.0, 8.0)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
 from halfsafe.cli.session import quiet_transformers  # noqa: E402
-from halfsafe.fixing import fix  # noqa: E402
+from halfsafe.fixing.fix import fix  # noqa: E402
 from halfsafe.guarding import guard  # noqa: E402
-from halfsafe.loading import load_model  # noqa: E402
+from halfsafe.model.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.timing import now  # noqa: E402
 

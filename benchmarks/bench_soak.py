@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine, rss_bytes  # noqa: E402
+from halfsafe.fixing.observe import find_decoder_layers  # noqa: E402
 from halfsafe.guarding import NONFINITE, RECOVERED, guard  # noqa: E402
-from halfsafe.observing import find_decoder_layers  # noqa: E402
 from halfsafe.testing import PAD, NanFault, build_tiny_model, byte_tokenizer  # noqa: E402
 
 NEW_TOKENS = 32

@@ -39,7 +39,7 @@ MARK = "BENCH-RESULT "
 
 def measure(name: str, fixed: str, new_tokens: int, repeats: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from halfsafe.loading import demo_cache_dir
+    from halfsafe.model.loading import demo_cache_dir
     from vllm import LLM, SamplingParams
 
     which, dtype, processor, plugin = CONFIGS[name]

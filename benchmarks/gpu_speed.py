@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
-from halfsafe.fixing import fix  # noqa: E402
+from halfsafe.fixing.fix import fix  # noqa: E402
 from halfsafe.guarding import guard  # noqa: E402
-from halfsafe.precision import cast_temporarily  # noqa: E402
+from halfsafe.model.precision import cast_temporarily  # noqa: E402
 from halfsafe.testing import SHORT_PROMPTS, byte_tokenizer, plant_massive_activation  # noqa: E402
 from halfsafe.timing import now  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from halfsafe.cli.session import quiet_transformers
-from halfsafe.loading import load_model
+from halfsafe.model.loading import load_model
 from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 
 quiet_transformers()
@@ -62,7 +62,7 @@ def demo_diagnosis(demo):
 @pytest.fixture(scope="session")
 def demo_fixed():
     """A second copy of the demo model, fixed for float16 in memory, with its report."""
-    from halfsafe.fixing import fix
+    from halfsafe.fixing.fix import fix
 
     loaded = load_model("demo")
     model, report = fix(loaded.model, loaded.tokenizer)

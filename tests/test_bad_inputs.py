@@ -235,7 +235,7 @@ def test_the_bundled_long_passage_fits_by_truncation_and_is_refused_whole(inputs
     """The bundled long passage (1,159 bytes) is past a GPT-2-shaped model's positions: the
     library refuses it in one line, `fit_prompts` (what the command line uses) cuts it."""
     from halfsafe.errors import HalfsafeError
-    from halfsafe.loading import load_model
+    from halfsafe.model.loading import load_model
     from halfsafe.prompts import bundled_prompts, check_prompt_lengths, fit_prompts
 
     loaded = load_model(str(inputs / "gpt2"))

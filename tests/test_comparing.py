@@ -5,7 +5,7 @@ import pytest
 from halfsafe.cli import main
 from halfsafe.comparing import compare, parse_variants
 from halfsafe.errors import HalfsafeError
-from halfsafe.loading import load_model
+from halfsafe.model.loading import load_model
 from halfsafe.testing import SHORT_PROMPTS
 
 

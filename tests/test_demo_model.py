@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from halfsafe.observing import RESIDUAL
-from halfsafe.precision import cast_temporarily
+from halfsafe.fixing.observe import RESIDUAL
+from halfsafe.model.precision import cast_temporarily
 
 
 def test_demo_float16_is_unsafe_with_a_residual_of_order_1e5(demo_diagnosis):
@@ -69,9 +69,9 @@ def test_demo_fixed_float16_meets_the_acceptance_numbers(demo_fixed):
 
 
 def test_demo_export_reproduces_the_numbers_in_plain_transformers(demo, demo_fixed, tmp_path):
-    from halfsafe.exporting import export_checkpoint
+    from halfsafe.fixing.export import export_checkpoint
+    from halfsafe.fixing.verify import position_metrics
     from halfsafe.prompts import HELDOUT, bundled_prompts
-    from halfsafe.verifying import position_metrics
 
     from .test_fixing import reload_in_plain_transformers
 
@@ -125,7 +125,7 @@ def test_demo_compare_orders_the_variants_as_the_issue_expects(demo):
 @pytest.fixture(scope="module")
 def demo_fp16():
     """The unfixed demo model loaded in float16: every forward overflows."""
-    from halfsafe.loading import load_model
+    from halfsafe.model.loading import load_model
 
     return load_model("demo", dtype=torch.float16)
 

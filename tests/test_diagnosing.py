@@ -3,8 +3,8 @@ import torch
 
 from halfsafe.diagnosing import diagnose
 from halfsafe.errors import HalfsafeError
-from halfsafe.loading import load_model
-from halfsafe.precision import cast_temporarily
+from halfsafe.model.loading import load_model
+from halfsafe.model.precision import cast_temporarily
 from halfsafe.testing import ARCHITECTURES, CHANNEL, MASSIVE, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 

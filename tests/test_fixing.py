@@ -6,13 +6,13 @@ import sys
 import pytest
 import torch
 
-from halfsafe.applying import is_tied, norm_eps_settings, scaled_weights, use_fix
-from halfsafe.fixing import VerificationFailed, fix
-from halfsafe.observing import observe
-from halfsafe.planning import make_plan, site_roles
-from halfsafe.precision import cast_temporarily
-from halfsafe.registry import ARCHITECTURES as REGISTRY
-from halfsafe.registry import architecture_of
+from halfsafe.fixing.apply import is_tied, norm_eps_settings, scaled_weights, use_fix
+from halfsafe.fixing.fix import VerificationFailed, fix
+from halfsafe.fixing.observe import observe
+from halfsafe.fixing.plan import make_plan, site_roles
+from halfsafe.model.precision import cast_temporarily
+from halfsafe.model.registry import ARCHITECTURES as REGISTRY
+from halfsafe.model.registry import architecture_of
 from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
@@ -148,8 +148,8 @@ def test_roles_exact_only_in_memory_refuse_an_export_before_any_work():
 def test_broken_roles_are_refused_by_the_exactness_gate_before_anything_changes():
     """The pipeline's exactness stage can fail: a backend that drops one writer from the derived
     roles is refused with the worst position and the keep-fp32 suggestion, the model untouched."""
-    from halfsafe.fixing import InMemory
-    from halfsafe.pipeline import run
+    from halfsafe.fixing.fix import InMemory
+    from halfsafe.fixing.pipeline import run
 
     class OneWriterMissing(InMemory):
         def roles(self):
@@ -198,7 +198,7 @@ def _tree(path):
 def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_dirs, tmp_path, capsys,
                                                                           short_prompt_args):
     from halfsafe.cli import main
-    from halfsafe.loading import load_model
+    from halfsafe.model.loading import load_model
 
     source = tiny_dirs["gemma3_text", "residual"]
     untouched = _tree(source)

@@ -132,7 +132,7 @@ def test_auto_on_an_fp16_only_gpu_fixes_once_and_casts_a_fixed_checkpoint(tiny_d
     import halfsafe.advising
     from halfsafe.advising import DtypeChoice
     from halfsafe.cli.session import load_for_generation
-    from halfsafe.exporting import export_checkpoint
+    from halfsafe.fixing.export import export_checkpoint
 
     monkeypatch.setattr(halfsafe.advising, "choose_dtype",
                         lambda device: DtypeChoice(torch.float16, True, "float16 with halfsafe's fix on a T4"))

@@ -19,8 +19,8 @@ from halfsafe.guarding import (
     SanitizeLogits,
     guard,
 )
-from halfsafe.loading import load_model
-from halfsafe.precision import compute_in
+from halfsafe.model.loading import load_model
+from halfsafe.model.precision import compute_in
 from halfsafe.testing import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, NanFault, build_tiny_model, byte_tokenizer
 
 GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=PAD)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from halfsafe.diagnosing import diagnose
-from halfsafe.fixing import fix
-from halfsafe.hooks import HookSet, attention_registry_names
-from halfsafe.observing import ActivationRecorder
+from halfsafe.fixing.fix import fix
+from halfsafe.fixing.observe import ActivationRecorder
+from halfsafe.model.hooks import HookSet, attention_registry_names
 from halfsafe.testing import BOS, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from halfsafe.cli import main
 from halfsafe.errors import HalfsafeError
-from halfsafe.exporting import export_checkpoint
-from halfsafe.fixing import fix
+from halfsafe.fixing.export import export_checkpoint
+from halfsafe.fixing.fix import fix
+from halfsafe.fixing.observe import observe
 from halfsafe.layerwise import LayerwiseModel, observe_layerwise
 from halfsafe.layerwise_fix import diagnose_layerwise, fix_layerwise, open_layerwise, parse_memory, work_dir_for
-from halfsafe.loading import load_model, load_tokenizer
-from halfsafe.observing import observe
+from halfsafe.model.loading import load_model, load_tokenizer
 from halfsafe.prompts import HELDOUT, bundled_prompts
 
 CALIBRATION = bundled_prompts()[:6]
@@ -228,20 +228,20 @@ _RUN = textwrap.dedent("""
     quiet_transformers()
     source, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     # The code both paths import (transformers' model classes) is not what is measured.
-    import halfsafe.exporting, halfsafe.fixing, halfsafe.layerwise_fix, halfsafe.loading
+    import halfsafe.fixing.export, halfsafe.fixing.fix, halfsafe.layerwise_fix, halfsafe.model.loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.llama import modeling_llama
     prompts = dict(calibration=["The capital of France is", "def add(a, b):"], heldout=["1 + 1 = 2", "Hello"])
     statm = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     if mode == "layerwise":
         from halfsafe.layerwise_fix import fix_layerwise, open_layerwise
-        from halfsafe.loading import load_tokenizer
+        from halfsafe.model.loading import load_tokenizer
         before = statm()
         fix_layerwise(open_layerwise(source), load_tokenizer(source), out, **prompts)
     else:
-        from halfsafe.exporting import export_checkpoint
-        from halfsafe.fixing import fix
-        from halfsafe.loading import load_model
+        from halfsafe.fixing.export import export_checkpoint
+        from halfsafe.fixing.fix import fix
+        from halfsafe.model.loading import load_model
         before = statm()
         loaded = load_model(str(source))
         model, _ = fix(loaded.model, loaded.tokenizer, **prompts)
@@ -296,7 +296,7 @@ NEW_TYPES = ["olmo2", "phi3", "glm4", "gpt_neox", "starcoder2"]
 def test_layerwise_equals_in_memory_on_types_the_registry_never_knew(tmp_path, model_type):
     """Layer-wise roles come from a narrow stand-in of the config: the observation, plan and
     every exported tensor equal the in-memory fix's, whose roles come from the model itself."""
-    from halfsafe.observing import find_decoder_layers
+    from halfsafe.fixing.observe import find_decoder_layers
     from halfsafe.roles import derive_roles
     from halfsafe.shrinking import plant_massive_activation, tiny_model
     from halfsafe.testing import VOCAB, byte_tokenizer

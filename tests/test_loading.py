@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from halfsafe.errors import HalfsafeError
-from halfsafe.loading import adds_bos, ensure_bos, load_model, read_gguf_header
+from halfsafe.model.loading import adds_bos, ensure_bos, load_model, read_gguf_header
 from halfsafe.testing import BOS, build_tiny_model, byte_tokenizer
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from halfsafe.exporting import export_checkpoint
-from halfsafe.fixing import fix
+from halfsafe.fixing.export import export_checkpoint
+from halfsafe.fixing.fix import fix
+from halfsafe.fixing.modelcard import model_card, write_model_card
 from halfsafe.layerwise_fix import fix_layerwise, open_layerwise
-from halfsafe.loading import load_model
-from halfsafe.modelcard import model_card, write_model_card
+from halfsafe.model.loading import load_model
 from halfsafe.prompts import HELDOUT, bundled_prompts
 
 CALIBRATION = bundled_prompts()[:6]

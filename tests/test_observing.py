@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from halfsafe.loading import load_model
-from halfsafe.observing import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, ActivationRecorder, observe
+from halfsafe.fixing.observe import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, ActivationRecorder, observe
+from halfsafe.model.loading import load_model
 from halfsafe.testing import CHANNEL, MASSIVE, PLANT_LAYER, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from halfsafe.errors import HalfsafeError
-from halfsafe.observing import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, SUBLAYER, SiteStat
-from halfsafe.planning import Plan, make_plan, power_of_two_scale, site_roles
-from halfsafe.registry import ARCHITECTURES
+from halfsafe.fixing.observe import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, SUBLAYER, SiteStat
+from halfsafe.fixing.plan import Plan, make_plan, power_of_two_scale, site_roles
+from halfsafe.model.registry import ARCHITECTURES
 
 LLAMA = ARCHITECTURES["LlamaForCausalLM"]
 GEMMA3 = ARCHITECTURES["Gemma3ForCausalLM"]

@@ -7,10 +7,10 @@ import functools
 import pytest
 import torch
 
-from halfsafe.applying import norm_eps_settings, scale_factors
-from halfsafe.observing import find_decoder_layers
-from halfsafe.planning import Plan, power_of_two_scale
-from halfsafe.registry import architecture_of
+from halfsafe.fixing.apply import norm_eps_settings, scale_factors
+from halfsafe.fixing.observe import find_decoder_layers
+from halfsafe.fixing.plan import Plan, power_of_two_scale
+from halfsafe.model.registry import architecture_of
 from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, eps_settings, exactness_gate
 from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model
 from halfsafe.testing import ARCHITECTURES, build_tiny_model
@@ -179,7 +179,7 @@ def test_real_demo_roles_are_the_registry_and_bit_exact(demo):
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3", "llama"])
 def test_measured_output_scales_match_the_plan_site_roles(arch):
     """Planning asks which sites move with s: the measured exponents agree with the registry's."""
-    from halfsafe.planning import site_roles
+    from halfsafe.fixing.plan import site_roles
     from halfsafe.roles import output_exponents
 
     model, roles = _tiny(arch)
@@ -191,7 +191,7 @@ def test_measured_output_scales_match_the_plan_site_roles(arch):
 
 
 def test_applying_scales_write_the_same_weights_as_the_registry():
-    from halfsafe.applying import scaled_weights
+    from halfsafe.fixing.apply import scaled_weights
     from halfsafe.roles import applying_scales
 
     model, roles = _tiny("gemma3_text")

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from halfsafe.loading import demo_cache_dir
-from halfsafe.modelcard import model_card
+from halfsafe.fixing.modelcard import model_card
+from halfsafe.model.loading import demo_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from halfsafe.exporting import remove_stale_exports
+from halfsafe.fixing.export import remove_stale_exports
+from halfsafe.fixing.workdirs import make_work_dir
 from halfsafe.layerwise_fix import work_dir_for
 from halfsafe.testing import save_tiny_model
-from halfsafe.workdirs import make_work_dir
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 
@@ -90,7 +90,7 @@ def test_a_live_owner_keeps_its_directory_and_a_dead_or_reused_pid_does_not(tmp_
     out = tmp_path / "fixed"
     mine = make_work_dir(tmp_path, ".fixed.halfsafe")  # this process is alive
     # A process that made one and ended without removing it.
-    script = "import sys; from pathlib import Path; from halfsafe.workdirs import make_work_dir; " \
+    script = "import sys; from pathlib import Path; from halfsafe.fixing.workdirs import make_work_dir; " \
              "print(make_work_dir(Path(sys.argv[1]), '.fixed.halfsafe'))"
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     orphan = Path(done.stdout.strip())

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from .errors import HalfsafeError
-from .planning import PLANNING_MARGIN
+from .fixing.plan import PLANNING_MARGIN
+from .fixing.verify import Fidelity
 from .timing import now
-from .verifying import Fidelity
 
 DEFAULT_VARIANTS = ("fp32", "bf16", "fp16", "fp16-fixed")
 NAMED = ("fp32", "bf16", "fp16", "fp16-fixed", "fp16-clamp")
@@ -44,7 +44,7 @@ class VariantResult:
 
 def parse_variants(spec: str) -> list[str]:
     """`fp32,bf16,...,fixed:DIR` -> names, each checked; a `fixed:` directory must be a checkpoint."""
-    from .loading import check_checkpoint_dir
+    from .model.loading import check_checkpoint_dir
 
     names = [part.strip() for part in spec.split(",") if part.strip()]
     if not names:
@@ -64,10 +64,10 @@ def parse_variants(spec: str) -> list[str]:
 
 def build_variants(model: nn.Module, tokenizer, names: list[str], *, calibration: list[str], margin: float):
     """name -> Variant (a factory of context managers yielding the model to run)."""
-    from .fixing import InMemory
-    from .loading import load_model
-    from .pipeline import rescaling
-    from .precision import cast_temporarily, clamp_residual, stream_readers
+    from .fixing.fix import InMemory
+    from .fixing.pipeline import rescaling
+    from .model.loading import load_model
+    from .model.precision import cast_temporarily, clamp_residual, stream_readers
 
     readers = stream_readers(model) if "fp16-clamp" in names else []
 
@@ -112,8 +112,8 @@ def compare(
     progress=None,
 ) -> list[VariantResult]:
     """Every variant against `model` (fp32) on `texts`."""
+    from .fixing.verify import measure_fidelity
     from .prompts import bundled_prompts, check_prompt_lengths
-    from .verifying import measure_fidelity
 
     if next(model.parameters()).dtype != torch.float32:
         raise HalfsafeError("compare's reference is float32; load the model with dtype=torch.float32")
@@ -133,7 +133,7 @@ def compare(
 
 def _speed(model: nn.Module, tokenizer, texts: list[str]) -> tuple[float, float, int | None]:
     """Greedy tokens/s at batch 1 and 8 (best of two runs each), and peak CUDA memory."""
-    from .verifying import greedy_tokens
+    from .fixing.verify import greedy_tokens
 
     cuda = next(model.parameters()).device.type == "cuda"
     if cuda:

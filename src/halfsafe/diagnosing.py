@@ -19,8 +19,7 @@ from torch import nn
 from . import __version__
 from .dtypes import dtype_max, dtype_name
 from .errors import HalfsafeError
-from .hooks import HookSet
-from .observing import (
+from .fixing.observe import (
     ATTN_LOGITS,
     EMBEDDING,
     RESIDUAL,
@@ -30,7 +29,8 @@ from .observing import (
     last_logits_only,
     observe,
 )
-from .precision import cast_temporarily
+from .model.hooks import HookSet
+from .model.precision import cast_temporarily
 from .prompts import check_prompt_lengths
 
 SCHEMA_VERSION = 1

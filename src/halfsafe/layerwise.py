@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .errors import HalfsafeError
-from .observing import ActivationRecorder, SiteStat, find_decoder_layers, last_logits_only
+from .fixing.observe import ActivationRecorder, SiteStat, find_decoder_layers, last_logits_only
 
 # Units besides the layers: everything outside them (what the export writes), and its two
 # halves as the passes need them: the input embedding (capture) and the rest (tail). A tied
@@ -112,7 +112,7 @@ class LayerwiseModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .loading import check_checkpoint_dir
+        from .model.loading import check_checkpoint_dir
 
         self.path = Path(path)
         check_checkpoint_dir(self.path)
@@ -387,7 +387,7 @@ class _Sweep:
 
 def _weights_context(lm: LayerwiseModel, make):
     """A variant whose unit weights are `make(name, tensor)` of the materialised fp32 ones."""
-    from .precision import use_weights
+    from .model.precision import use_weights
 
     def context(unit):
         names = set(lm.unit_names(unit))
@@ -404,7 +404,7 @@ def cast_variant(lm: LayerwiseModel, dtype: torch.dtype):
 def fixed_variant(lm: LayerwiseModel, scales: dict, settings: list, plan, dtype: torch.dtype):
     """The model as `fix` leaves it: weights scaled by `scales` (parameter -> `applying._Scale`)
     in `dtype`, the eps `settings`, the plan's attention kernel."""
-    from .applying import scaled_tensor, use_fix
+    from .fixing.apply import scaled_tensor, use_fix
 
     @contextmanager
     def context(unit):
@@ -427,7 +427,7 @@ def observe_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, stat
     With `state_dir`, the hidden states and statistics are saved after every layer, and a run
     that finds a state from the same prompts continues after its last layer.
     """
-    from .observing import encode
+    from .fixing.observe import encode
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
     digest = _digest(prompts)
@@ -460,8 +460,8 @@ def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], scales: 
                      dtype: torch.dtype, *, progress=None) -> dict:
     """`fix`'s verification, one layer at a time: the fixed model and bfloat16 against fp32, by the
     same per-position metrics (teacher-forced; greedy decoding needs the whole model)."""
-    from .observing import encode
-    from .verifying import position_metrics, summarise
+    from .fixing.observe import encode
+    from .fixing.verify import position_metrics, summarise
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
     variants = {"fp32": lambda unit: nullcontext(), "fixed": fixed_variant(lm, scales, settings, plan, dtype),
@@ -490,7 +490,7 @@ def confirm_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], dtype: 
     """Run the prompts with the weights cast to `dtype`, layer by layer: how many prompts went
     non-finite, and the first module (earliest layer, over all prompts) whose output did."""
     from .diagnosing import Confirmation, FiniteWatch
-    from .observing import encode
+    from .fixing.observe import encode
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
     sweep = _Sweep(lm, batches, {"cast": cast_variant(lm, dtype)})

@@ -22,6 +22,7 @@ from . import __version__
 from .diagnosing import AT_RISK_MARGIN
 from .dtypes import dtype_name, format_bytes, parse_dtype
 from .errors import HalfsafeError
+from .fixing.plan import PLANNING_MARGIN
 from .layerwise import (
     OUTER,
     LayerwiseModel,
@@ -30,7 +31,6 @@ from .layerwise import (
     release_memory,
     verify_layerwise,
 )
-from .planning import PLANNING_MARGIN
 from .prompts import CALIBRATION, HELDOUT, bundled_prompts
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -148,9 +148,9 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
 
     Raises VerificationFailed (nothing written, the work directory removed) when a gate fails.
     """
-    from .exporting import check_export_target
-    from .gating import VerificationFailed
-    from .pipeline import run
+    from .fixing.export import check_export_target
+    from .fixing.gate import VerificationFailed
+    from .fixing.pipeline import run
 
     dtype = parse_dtype(dtype)
     out = check_export_target(out, overwrite=overwrite, source=lm.path)
@@ -178,9 +178,9 @@ def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokeni
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from .applying import scaled_tensor
-    from .exporting import publish
-    from .pipeline import finalise
+    from .fixing.apply import scaled_tensor
+    from .fixing.export import publish
+    from .fixing.pipeline import finalise
 
     scales = fix.scales()
     target = work / "checkpoint"

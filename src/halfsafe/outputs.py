@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import HalfsafeError
-from .workdirs import make_work_dir
+from .fixing.workdirs import make_work_dir
 
 
 def check_output_path(path: str | Path, what: str) -> Path:

@@ -76,10 +76,10 @@ def run_diagnose(args) -> int:
 
 def run_fix(args) -> int:
     from ..dtypes import parse_dtype
-    from ..exporting import check_export_target, export_checkpoint, remove_stale_exports
+    from ..fixing.export import check_export_target, export_checkpoint, remove_stale_exports
+    from ..fixing.workdirs import describe_removed
     from ..outputs import check_output_path, write_json
     from ..prompts import read_prompts
-    from ..workdirs import describe_removed
     from .render import render_fix
     from .session import fix_with_progress, make_console
 

@@ -11,9 +11,9 @@ from rich.rule import Rule
 
 from ..diagnosing import AT_RISK_MARGIN, greedy_continuation
 from ..guarding import NONFINITE, GuardedGenerator
-from ..loading import DEMO, cache_root
+from ..model.loading import DEMO, cache_root
+from ..model.precision import cast_temporarily
 from ..outputs import check_output_path
-from ..precision import cast_temporarily
 from ..prompts import bundled_prompts
 from .plots import plot_diagnosis
 from .render import render_diagnosis, render_fix

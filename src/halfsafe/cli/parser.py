@@ -7,7 +7,7 @@ import argparse
 from .. import __version__
 from ..comparing import DEFAULT_VARIANTS
 from ..diagnosing import AT_RISK_MARGIN as DIAGNOSE_MARGIN
-from ..planning import PLANNING_MARGIN as FIX_MARGIN
+from ..fixing.plan import PLANNING_MARGIN as FIX_MARGIN
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..diagnosing import Diagnosis
-from ..observing import ATTN_LOGITS
+from ..fixing.observe import ATTN_LOGITS
 
 RISKIEST = 10
 

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..diagnosing import Diagnosis, diagnose
 from ..dtypes import dtype_name, format_bytes
 from ..errors import HalfsafeError
-from ..loading import DEMO, DEMO_NAME, LoadedModel, is_demo_cached, load_model
+from ..model.loading import DEMO, DEMO_NAME, LoadedModel, is_demo_cached, load_model
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -96,7 +96,7 @@ def load_for_generation(model: str, console: Console, *, dtype: str, device: str
         loaded.model.to(wanted)
         notes.append("the checkpoint is already fixed by halfsafe")
     if fix:
-        from ..fixing import fix as fix_model
+        from ..fixing.fix import fix as fix_model
         from ..prompts import bundled_prompts
 
         try:
@@ -137,7 +137,7 @@ def diagnose_with_progress(
 
 
 def fix_with_progress(loaded: LoadedModel, console: Console, **kwargs):
-    from ..fixing import VERIFY_TOKENS, fix
+    from ..fixing.fix import VERIFY_TOKENS, fix
     from ..prompts import CALIBRATION, HELDOUT, bundled_prompts
 
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -170,7 +170,7 @@ def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str
 def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
     """MODEL's skeleton and tokenizer, for the layer-wise path."""
     from ..layerwise_fix import open_layerwise
-    from ..loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
+    from ..model.loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
 
     target = resolve_device(args.device)
     quiet_transformers()

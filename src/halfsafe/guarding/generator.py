@@ -14,7 +14,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from ..dtypes import dtype_name
 from ..errors import HalfsafeError
-from ..hooks import HookSet
+from ..model.hooks import HookSet
 from ..timing import now
 from .degeneration import DEFAULT_FLOOD, DEFAULT_RUN, DegenerationMonitor
 from .recovery import first_nonfinite, recover

@@ -51,7 +51,7 @@ PROBE_SCALE = 2.0**-3
 def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Roles:
     """The roles of `model` (fp32, unchanged) from forward passes on `input_ids` ([B, T];
     default: 16 distinct low token ids): one, or two when something leads into the first layer."""
-    from ..observing import find_decoder_layers
+    from ..fixing.observe import find_decoder_layers
 
     layers_path, layers = find_decoder_layers(model)
     if input_ids is None:

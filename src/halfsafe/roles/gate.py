@@ -55,7 +55,7 @@ def scaled_parameters(model: nn.Module, roles: Roles, s: float, interior: dict[s
 def applying_scales(roles: Roles, s: float, interior: dict[str, float] | None = None) -> dict:
     """`roles` for residual scale s in the form `applying.scaled_weights(..., scales=...)` takes,
     so `fix` can write the derived rescaling through its existing path."""
-    from ..applying import _Scale
+    from ..fixing.apply import _Scale
 
     return {name: _Scale(factor=factor, offset=offset) for name, (factor, offset) in roles.factors(s, interior).items()}
 

@@ -22,10 +22,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from .dtypes import dtype_max, dtype_name
-from .errors import HalfsafeError
-from .observing import ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat
-from .registry import Architecture
+from ..dtypes import dtype_max, dtype_name
+from ..errors import HalfsafeError
+from ..model.registry import Architecture
+from .observe import ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat
 
 # fix: the plan brings every site this factor below the dtype's maximum, so inputs unlike the
 # calibration prompts have room to grow (see docs/numerics.md).

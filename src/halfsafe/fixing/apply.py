@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import HalfsafeError
-from .planning import Plan
-from .precision import use_weights
-from .registry import Architecture
+from ..errors import HalfsafeError
+from ..model.precision import use_weights
+from ..model.registry import Architecture
+from .plan import Plan
 
 _ROWS = 4096
 

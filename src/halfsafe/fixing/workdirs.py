@@ -58,7 +58,7 @@ def remove_stale_work_dirs(parent: Path, stem: str) -> list[tuple[Path, int]]:
 
 def describe_removed(removed: list[tuple[Path, int]]) -> str:
     """One line for the user: what was removed, and why."""
-    from .dtypes import format_bytes
+    from ..dtypes import format_bytes
 
     names = ", ".join(f"{path} ({format_bytes(size)})" for path, size in removed)
     return f"removed {len(removed)} partial director{'y' if len(removed) == 1 else 'ies'} left by a run that " \

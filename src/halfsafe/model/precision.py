@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import HalfsafeError
+from ..errors import HalfsafeError
 from .hooks import HookSet
 
 
@@ -54,7 +54,7 @@ def clamp_residual(model: nn.Module, bound: float = 64_504.0, readers: list[str]
     the same tensor, is clamped too) and on every layer's output. The readers are the model's
     derived scale-invariant ones (`stream_readers`; pass `readers` to derive them once).
     """
-    from .observing import find_decoder_layers
+    from ..fixing.observe import find_decoder_layers
 
     readers = stream_readers(model) if readers is None else readers
 
@@ -78,7 +78,7 @@ def clamp_residual(model: nn.Module, bound: float = 64_504.0, readers: list[str]
 def stream_readers(model: nn.Module) -> list[str]:
     """The modules that read the residual stream and are scale-invariant (its norms), by name,
     from the model's derived roles; refused roles are a HalfsafeError."""
-    from .roles import derive_roles
+    from ..roles import derive_roles
 
     roles = derive_roles(model)
     if roles.refused:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HalfsafeError
+from ..errors import HalfsafeError
 
 DEMO = "demo"
 DEMO_NAME = "google/gemma-3-270m (GGUF Q4_K_M, dequantised)"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import HalfsafeError
+from ..errors import HalfsafeError
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def _source_facts(source: str | Path | None) -> tuple[str | None, dict]:
     """(base model hub id or None, front-matter keys carried over from the source's card)."""
     if source is None:
         return None, {}
-    from .loading import demo_cache_dir
+    from ..model.loading import demo_cache_dir
 
     text = str(source)
     path = Path(text).expanduser()

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import HalfsafeError
-from .hooks import HookSet
+from ..errors import HalfsafeError
+from ..model.hooks import HookSet
 
 EMBEDDING, RESIDUAL, SUBLAYER, INTERIOR, ATTN_LOGITS, LOGITS = (
     "embedding", "residual", "sublayer", "interior", "attn_logits", "logits",

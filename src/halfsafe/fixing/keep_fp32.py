@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .dtypes import dtype_max, dtype_name, format_bytes
-from .errors import HalfsafeError
-from .hooks import HookSet
-from .observing import ATTN_LOGITS, RESIDUAL, SiteStat, find_decoder_layers
+from ..dtypes import dtype_max, dtype_name, format_bytes
+from ..errors import HalfsafeError
+from ..model.hooks import HookSet
+from .observe import ATTN_LOGITS, RESIDUAL, SiteStat, find_decoder_layers
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _register_casts(model: nn.Module, plan: KeepPlan, dtype: torch.dtype, hooks:
 @contextmanager
 def use_keep_fp32(model: nn.Module, plan: KeepPlan, dtype: torch.dtype):
     """Run the model in `dtype` with `plan.kept_layers` in fp32; restore everything on exit."""
-    from .precision import use_weights
+    from ..model.precision import use_weights
 
     with use_weights(model, _half_weights(model, plan, dtype)), HookSet() as hooks:
         _register_casts(model, plan, dtype, hooks)

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
-from .errors import HalfsafeError
-from .keeping import KeepPlan
-from .planning import Plan
-from .verifying import Fidelity
+from .. import __version__
+from ..errors import HalfsafeError
+from .keep_fp32 import KeepPlan
+from .plan import Plan
+from .verify import Fidelity
 
 
 class VerificationFailed(HalfsafeError):

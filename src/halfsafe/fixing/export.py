@@ -15,8 +15,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
-from .errors import HalfsafeError
-from .outputs import check_parent_writable
+from ..errors import HalfsafeError
+from ..outputs import check_parent_writable
 from .workdirs import make_work_dir, remove_stale_work_dirs
 
 

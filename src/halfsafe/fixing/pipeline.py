@@ -34,13 +34,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .dtypes import dtype_name
-from .errors import HalfsafeError
-from .gating import FixReport, VerificationFailed, gate
-from .keeping import KeepPlan, plan_keep_fp32
-from .observing import SiteStat
-from .planning import Plan, SiteRoles, make_plan
-from .roles import GateResult, Roles, applying_scales, eps_settings
+from ..dtypes import dtype_name
+from ..errors import HalfsafeError
+from ..roles import GateResult, Roles, applying_scales, eps_settings
+from .gate import FixReport, VerificationFailed, gate
+from .keep_fp32 import KeepPlan, plan_keep_fp32
+from .observe import SiteStat
+from .plan import Plan, SiteRoles, make_plan
 
 STRATEGIES = ("rescale", "keep-fp32")
 GATE_PROMPTS = 2  # calibration prompts the exactness gate runs (issue 13: two are enough to catch a wrong role)

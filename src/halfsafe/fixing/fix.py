@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .applying import put_weights, scaled_weights, use_fix
-from .dtypes import parse_dtype
-from .errors import HalfsafeError
-from .gating import BF16_TARGET_SLACK, FixReport, VerificationFailed, gate  # noqa: F401 (public here)
-from .keeping import KeepPlan, apply_keep_fp32, use_keep_fp32
-from .observing import SiteStat, encode, observe
+from ..dtypes import parse_dtype
+from ..errors import HalfsafeError
+from ..model.precision import cast_temporarily
+from ..prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_lengths
+from ..roles import derive_roles, exactness_gate, output_exponents
+from ..timing import now
+from .apply import put_weights, scaled_weights, use_fix
+from .gate import BF16_TARGET_SLACK, FixReport, VerificationFailed, gate  # noqa: F401 (public here)
+from .keep_fp32 import KeepPlan, apply_keep_fp32, use_keep_fp32
+from .observe import SiteStat, encode, observe
 from .pipeline import GATE_TOKENS, STRATEGIES, Fix, Rescaling, check_strategy, finalise, run  # noqa: F401
-from .planning import PLANNING_MARGIN
-from .precision import cast_temporarily
-from .prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_lengths
-from .roles import derive_roles, exactness_gate, output_exponents
-from .timing import now
-from .verifying import measure_fidelity
+from .plan import PLANNING_MARGIN
+from .verify import measure_fidelity
 
 VERIFY_TOKENS = 32
 
@@ -145,7 +145,7 @@ def load_fixed(model: str, dtype: torch.dtype | str = torch.float16, *, device: 
     max_kl, verify, calibration, heldout) or to loading (allow_pickle, trust_remote_code,
     attn_implementation).
     """
-    from .loading import load_model
+    from ..model.loading import load_model
 
     load_keys = {"allow_pickle", "trust_remote_code", "attn_implementation"}
     loaded = load_model(model, dtype=torch.float32, **{k: v for k, v in kwargs.items() if k in load_keys})
