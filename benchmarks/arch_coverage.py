@@ -95,7 +95,7 @@ def first_nonfinite(model, batch, dtype) -> str | None:
 
 def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
-    for p, q in zip(reference, other):
+    for p, q in zip(reference, other, strict=True):
         logp, logq = p.log_softmax(-1), q.log_softmax(-1)
         kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, T]
         total += kl.sum().item()
@@ -143,8 +143,8 @@ def measure(model_type: str) -> dict:
         row["fp16 kl"] = mean_kl(reference, after) if row["fp16 finite after"] else float("inf")
         if not row["fp16 finite after"]:
             where = first_nonfinite(fixed, batch, torch.float16)
-            kind = " (a linear reader of the stream: its output does not scale)" if roles.readers.get(where, "").startswith(
-                "linear") else ""
+            linear = roles.readers.get(where, "").startswith("linear")
+            kind = " (a linear reader of the stream: its output does not scale)" if linear else ""
             return dict(row, status="failed", reason=f"float16 not finite after the fix, first in {where}{kind}")
         if not row["fp16 kl"] < row["bf16 kl"]:
             return dict(row, status="failed", reason="fixed float16 KL not below bfloat16's")
@@ -183,7 +183,8 @@ def render(rows: list[dict], header: str) -> str:
         "",
         "A type is *covered* when its derived roles pass the exactness gate (rescaled by 2^-3 in fp32, "
         "max |delta logit| within 1e-6 of the largest logit), float16 is finite after the fix, and the fixed "
-        "float16 model's mean KL to fp32 is below bfloat16's. `planted`: the largest value the stream reached in the planted channel "
+        "float16 model's mean KL to fp32 is below bfloat16's. `planted`: the largest value the stream reached "
+        "in the planted channel "
         "(one output row of a first-layer writer scaled up; 0: none found). Regenerate with "
         "`python benchmarks/arch_coverage.py`. "
         "*covered in memory*: the same, but a norm that shares the readers' eps field cannot have its input "

@@ -65,7 +65,8 @@ def fp32_floor(model, tokenizer, prompts, ref_tokens) -> tuple[int, float]:
     changed, worst = 0, 0.0
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    sequences = [torch.cat([tokenizer(p, return_tensors="pt")["input_ids"][0], r]) for p, r in zip(prompts, ref_tokens)]
+    sequences = [torch.cat([tokenizer(p, return_tensors="pt")["input_ids"][0], r])
+                 for p, r in zip(prompts, ref_tokens, strict=True)]
     width = max(len(s) for s in sequences)
     pad = tokenizer.pad_token_id
     ids = torch.stack([torch.cat([torch.full((width - len(s),), pad), s]) for s in sequences])
@@ -73,7 +74,7 @@ def fp32_floor(model, tokenizer, prompts, ref_tokens) -> tuple[int, float]:
                         for s in sequences])
     tokenizer.padding_side = side
     batched = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -NEW_TOKENS - 1:-1].double()
-    for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
+    for row, (prompt, sequence) in enumerate(zip(prompts, sequences, strict=True)):
         alone = model(input_ids=sequence[None], use_cache=False).logits[0, -NEW_TOKENS - 1:-1].double()
         tokens = greedy_tokens(model, tokenizer, [prompt], NEW_TOKENS)[0]
         changed += int(not torch.equal(tokens, ref_tokens[row]))
@@ -126,7 +127,8 @@ def main() -> None:
             with torch.inference_mode():
                 logit_gap, prob_gap, first, second = gaps(model, tokenizer, prompts[row], ref_tokens[row, :at])
             took = int(tokens[name][row, at])
-            print(f"  {name:<24} prompt {row:2d} token {at:2d}: fp32 logit gap {logit_gap:.3f}, prob gap {prob_gap:.4f}; "
+            print(f"  {name:<24} prompt {row:2d} token {at:2d}: fp32 logit gap {logit_gap:.3f}, "
+                  f"prob gap {prob_gap:.4f}; "
                   f"took fp32's {'2nd' if took == second else 'other'} choice; "
                   f"bf16 too: {'yes' if bf16_lengths[row] <= at else 'no'}  {prompts[row][:40]!r}")
 

@@ -125,7 +125,8 @@ def main() -> None:
             t = soak(model, dtype, size, args.generations, rng, memory, total_steps)
             total_steps += t["steps"]
             other = f"{t['other_identical']}/{t['other_rows']}" if t["other_rows"] else "- (no other row)"
-            print(f"| {str(dtype).removeprefix('torch.')} | {size} | {t['steps']} | {t['faults']} ({t['faulted_rows']}) | "
+            print(f"| {str(dtype).removeprefix('torch.')} | {size} | {t['steps']} | "
+                  f"{t['faults']} ({t['faulted_rows']}) | "
                   f"{t['events_ok']}/{t['faults']} | {t['recovered_ok']}/{t['faults']} | {other} | "
                   f"{t['faulted_identical']}/{t['faulted_rows']} |")
     rss = [r for _, r in memory]

@@ -246,7 +246,7 @@ def test_the_bundled_long_passage_fits_by_truncation_and_is_refused_whole(inputs
     assert notice and "truncated to their first 64 tokens" in notice
     lengths = [len(loaded.tokenizer(p)["input_ids"]) for p in fitted]
     assert max(lengths) == 64  # the longest prefix that fits, not a shorter one
-    assert all(p.startswith(f) for p, f in zip(prompts, fitted))
+    assert all(p.startswith(f) for p, f in zip(prompts, fitted, strict=True))
     check_prompt_lengths(loaded.model, loaded.tokenizer, fitted)
 
 

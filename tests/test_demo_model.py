@@ -81,7 +81,7 @@ def test_demo_export_reproduces_the_numbers_in_plain_transformers(demo, demo_fix
     reloaded = reload_in_plain_transformers(out, prompts, tmp_path)
     kl = []
     with torch.inference_mode():
-        for prompt, theirs in zip(prompts, reloaded):
+        for prompt, theirs in zip(prompts, reloaded, strict=True):
             reference = demo.model(**demo.tokenizer(prompt, return_tensors="pt")).logits[0].float()
             kl.append(position_metrics(reference, theirs)["kl"])
     kl = torch.cat(kl)
@@ -173,7 +173,8 @@ def test_guarded_float16_sanitize_stops_and_raise_names_the_module(demo_fp16):
         out = sanitizing.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out[0, batch["input_ids"].shape[1]:].tolist() == [tokenizer.eos_token_id]  # never <pad> (id 0)
     assert [e.kind for e in sanitizing.report.events] == [STOPPED]
-    with pytest.raises(NonFiniteLogits, match=r"^step 0: .*first non-finite module: model\.layers\.\d+\).*halfsafe fix"):
+    raising = r"^step 0: .*first non-finite module: model\.layers\.\d+\).*halfsafe fix"
+    with pytest.raises(NonFiniteLogits, match=raising):
         with torch.inference_mode():
             guard(demo_fp16.model, on_nonfinite="raise").generate(**batch, max_new_tokens=8, do_sample=False,
                                                                   pad_token_id=tokenizer.pad_token_id)

@@ -16,7 +16,7 @@ from halfsafe.fixing.export import export_checkpoint
 from halfsafe.fixing.fix import fix
 from halfsafe.fixing.observe import observe
 from halfsafe.layerwise import LayerwiseModel, observe_layerwise
-from halfsafe.layerwise_fix import diagnose_layerwise, fix_layerwise, open_layerwise, parse_memory, work_dir_for
+from halfsafe.layerwise.jobs import diagnose_layerwise, fix_layerwise, open_layerwise, parse_memory, work_dir_for
 from halfsafe.model.loading import load_model, load_tokenizer
 from halfsafe.prompts import HELDOUT, bundled_prompts
 
@@ -228,13 +228,13 @@ _RUN = textwrap.dedent("""
     quiet_transformers()
     source, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     # The code both paths import (transformers' model classes) is not what is measured.
-    import halfsafe.fixing.export, halfsafe.fixing.fix, halfsafe.layerwise_fix, halfsafe.model.loading
+    import halfsafe.fixing.export, halfsafe.fixing.fix, halfsafe.layerwise.jobs, halfsafe.model.loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.models.llama import modeling_llama
     prompts = dict(calibration=["The capital of France is", "def add(a, b):"], heldout=["1 + 1 = 2", "Hello"])
     statm = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     if mode == "layerwise":
-        from halfsafe.layerwise_fix import fix_layerwise, open_layerwise
+        from halfsafe.layerwise.jobs import fix_layerwise, open_layerwise
         from halfsafe.model.loading import load_tokenizer
         before = statm()
         fix_layerwise(open_layerwise(source), load_tokenizer(source), out, **prompts)

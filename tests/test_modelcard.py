@@ -8,7 +8,7 @@ import shutil
 from halfsafe.fixing.export import export_checkpoint
 from halfsafe.fixing.fix import fix
 from halfsafe.fixing.modelcard import model_card, write_model_card
-from halfsafe.layerwise_fix import fix_layerwise, open_layerwise
+from halfsafe.layerwise.jobs import fix_layerwise, open_layerwise
 from halfsafe.model.loading import load_model
 from halfsafe.prompts import HELDOUT, bundled_prompts
 

@@ -55,7 +55,8 @@ def test_derived_roles_equal_the_registry_and_are_bit_exact(arch):
     # The registry also moved vision-tower norms whose eps merely equals the text one (matching
     # by value); they never touch the text path, and the vision config's eps is not written.
     assert derived <= registry_eps
-    assert all(n.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for n, _, _ in registry_eps - derived)
+    vision = ("model.vision_tower.", "model.multi_modal_projector.")
+    assert all(n.startswith(vision) for n, _, _ in registry_eps - derived)
     gate = exactness_gate(model, roles, PROMPTS)
     assert gate.passed and gate.equal, gate.describe()
 
@@ -184,7 +185,8 @@ def test_measured_output_scales_match_the_plan_site_roles(arch):
 
     model, roles = _tiny(arch)
     measured = output_exponents(model, roles, PROMPTS[0])
-    expected, _ = site_roles(architecture_of(model), len(find_decoder_layers(model)[1]), model.config.tie_word_embeddings)
+    layers = len(find_decoder_layers(model)[1])
+    expected, _ = site_roles(architecture_of(model), layers, model.config.tie_word_embeddings)
     for site, role in expected.items():
         if role in ("s", "1/s"):
             assert measured[site] == {"s": 1, "1/s": -1}[role], site

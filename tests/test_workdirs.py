@@ -14,7 +14,7 @@ import pytest
 
 from halfsafe.fixing.export import remove_stale_exports
 from halfsafe.fixing.workdirs import make_work_dir
-from halfsafe.layerwise_fix import work_dir_for
+from halfsafe.layerwise.jobs import work_dir_for
 from halfsafe.testing import save_tiny_model
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
@@ -38,7 +38,7 @@ def test_fix_killed_during_export_then_rerun_leaves_one_checkpoint(tmp_path):
     # config.json first); the up-front check of --out makes and removes an empty one of the same
     # name, which is not the export. On a loaded machine the poll may wake after the export has
     # finished: then the checkpoint is removed and the kill tried again.
-    for attempt in range(3):
+    for _attempt in range(3):
         writing = _kill_during_export(command, tmp_path)
         if writing and not out.exists():
             break

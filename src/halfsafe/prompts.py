@@ -25,7 +25,8 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.exists():
         raise HalfsafeError(f"prompts file '{path}' does not exist; pass a text file (one prompt per line) or JSONL")
     if not path.is_file():
-        raise HalfsafeError(f"prompts file '{path}' is not a regular file; pass a text file (one prompt per line) or JSONL")
+        raise HalfsafeError(f"prompts file '{path}' is not a regular file; pass a text file (one prompt per line) "
+                            "or JSONL")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
@@ -47,7 +48,8 @@ def _parse_jsonl(lines: list[str], where: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise HalfsafeError(f"{where} line {number} is not valid JSON ({exc.msg}); use one JSON object per line") from exc
+            raise HalfsafeError(f"{where} line {number} is not valid JSON ({exc.msg}); "
+                                "use one JSON object per line") from exc
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise HalfsafeError(f"{where} line {number} has no non-empty string field 'text'")

@@ -38,7 +38,8 @@ SIZES = {
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
     "sliding_window": 32, "window_size": 32, "attention_window_size": 32,
     "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_d_conv": 4,
-    "mamba_head_dim": 32, "mamba_d_ssm": 128, "ssm_state_size": 16, "state_size": 16, "n_groups": 1, "time_step_rank": 8,
+    "mamba_head_dim": 32, "mamba_d_ssm": 128, "ssm_state_size": 16, "state_size": 16, "n_groups": 1,
+    "time_step_rank": 8,
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "linear_conv_kernel_dim": 4, "conv_L_cache": 3, "block_dim": 64, "block_ff_dim": 128,
     "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 256, "num_kv_shared_layers": 0,
@@ -89,7 +90,8 @@ def shrink_config(config, depth: int = LAYERS):
         if isinstance(value, list) and original and len(value) == original["depth"] and len(value) > depth:
             setattr(config, name, _cut(value, depth))
     fields = vars(config)
-    if all(f in fields for f in ("expand", "num_heads", "head_dim", "hidden_size")):  # Mamba 2: heads span the expansion
+    # Mamba 2: heads span the expansion
+    if all(f in fields for f in ("expand", "num_heads", "head_dim", "hidden_size")):
         config.head_dim = config.expand * config.hidden_size // config.num_heads
     if "qk_rope_head_dim" in vars(config) and "head_dim" in vars(config):
         config.head_dim = config.qk_rope_head_dim  # multi-head latent attention: rotary tables span the rope part
@@ -155,7 +157,8 @@ def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: 
     `probe` reaches MASSIVE there; returns the value reached."""
     seen = []
     handle = probe.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()),
+        lambda m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()),
         with_kwargs=True)
     try:
         with torch.no_grad():

@@ -34,7 +34,7 @@ def _check_layerwise(args) -> int | None:
         return None
     if args.device_map:
         raise HalfsafeError("--device-map is for the in-memory path; with --layerwise use --device")
-    from ..layerwise_fix import parse_memory
+    from ..layerwise.jobs import parse_memory
 
     return parse_memory(args.max_memory) if args.max_memory else None
 

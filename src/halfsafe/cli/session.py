@@ -169,7 +169,7 @@ def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str
 
 def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
     """MODEL's skeleton and tokenizer, for the layer-wise path."""
-    from ..layerwise_fix import open_layerwise
+    from ..layerwise.jobs import open_layerwise
     from ..model.loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
 
     target = resolve_device(args.device)
@@ -188,7 +188,7 @@ def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
 
 def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str], dtype: torch.dtype,
                                      max_memory: int | None) -> Diagnosis:
-    from ..layerwise_fix import diagnose_layerwise
+    from ..layerwise.jobs import diagnose_layerwise
 
     lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)
     prompts = fit_to_model(lm.model, tokenizer, prompts, what="calibration prompts")
@@ -199,7 +199,7 @@ def diagnose_layerwise_with_progress(args, console: Console, prompts: list[str],
 
 
 def fix_layerwise_with_progress(args, console: Console, *, max_memory: int | None, **kwargs):
-    from ..layerwise_fix import fix_layerwise
+    from ..layerwise.jobs import fix_layerwise
     from ..prompts import CALIBRATION, HELDOUT, bundled_prompts
 
     lm, tokenizer = open_layerwise_for_cli(args, console, max_memory)

@@ -114,7 +114,8 @@ class GateResult:
 
     def describe(self) -> str:
         if self.passed:
-            exact = "bit-identical" if self.equal else f"max |delta| {self.max_delta:.3g} (relative {self.relative:.2g})"
+            exact = ("bit-identical" if self.equal
+                     else f"max |delta| {self.max_delta:.3g} (relative {self.relative:.2g})")
             return f"exactness gate passed: rescaled fp32 logits {exact}"
         return (f"exactness gate failed: max |delta logit| {self.max_delta:.3g} (relative {self.relative:.2g}, bound "
                 f"{EXACT_BOUND:g}) at prompt {self.worst[0]} position {self.worst[1]}; first diverging module: "
@@ -133,7 +134,7 @@ def exactness_gate(model: nn.Module, roles: Roles, prompts: list[torch.Tensor], 
             for ids in prompts:
                 rescaled.append(model(input_ids=ids, use_cache=False).logits.float())
     worst, max_delta, top, equal = (0, 0), 0.0, 0.0, True
-    for index, (a, b) in enumerate(zip(reference, rescaled)):
+    for index, (a, b) in enumerate(zip(reference, rescaled, strict=True)):
         equal = equal and torch.equal(a, b)
         delta = (a - b).abs().nan_to_num(float("inf")).amax(dim=-1)[0]  # [T]
         top = max(top, a.abs().max().item())

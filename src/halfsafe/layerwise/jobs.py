@@ -18,20 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .diagnosing import AT_RISK_MARGIN
-from .dtypes import dtype_name, format_bytes, parse_dtype
-from .errors import HalfsafeError
-from .fixing.plan import PLANNING_MARGIN
-from .layerwise import (
-    OUTER,
-    LayerwiseModel,
-    confirm_layerwise,
-    observe_layerwise,
-    release_memory,
-    verify_layerwise,
-)
-from .prompts import CALIBRATION, HELDOUT, bundled_prompts
+from .. import __version__
+from ..diagnosing import AT_RISK_MARGIN
+from ..dtypes import dtype_name, format_bytes, parse_dtype
+from ..errors import HalfsafeError
+from ..fixing.plan import PLANNING_MARGIN
+from ..prompts import CALIBRATION, HELDOUT, bundled_prompts
+from .skeleton import OUTER, LayerwiseModel, release_memory
+from .sweep import confirm_layerwise, observe_layerwise, verify_layerwise
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -66,7 +60,7 @@ def diagnose_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, dty
                        also=(torch.bfloat16,), margin: float = AT_RISK_MARGIN, name: str | None = None, progress=None):
     """`diagnose`, one layer at a time. The confirmation in each dtype runs layer by layer too;
     no greedy continuation is generated (that needs the whole model at every token)."""
-    from .diagnosing import assemble_diagnosis
+    from ..diagnosing import assemble_diagnosis
 
     sites = observe_layerwise(lm, tokenizer, prompts, progress=progress)
     confirmations = {d: confirm_layerwise(lm, tokenizer, prompts, d, progress=progress)
@@ -101,27 +95,27 @@ class Layerwise:
         self._standin = None
 
     def _stand_in(self):
-        from .roles.standin import standin_model
+        from ..roles.standin import standin_model
 
         if self._standin is None:
             self._standin = standin_model(self.model.config)
         return self._standin
 
     def roles(self):
-        from .roles.standin import roles_of_standin
+        from ..roles.standin import roles_of_standin
 
         return roles_of_standin(self._stand_in(), {n for n, _ in self.model.named_parameters()})
 
     def prove(self, roles, prompts: list[str]):
-        from .roles import exactness_gate
-        from .roles.deriving import default_probe_ids
+        from ..roles import exactness_gate
+        from ..roles.deriving import default_probe_ids
 
         model = self._stand_in()
         return exactness_gate(model, roles, [default_probe_ids(model, 16), default_probe_ids(model, 7)])
 
     def site_roles(self, roles, prompt: str):
-        from .roles import output_exponents
-        from .roles.deriving import default_probe_ids
+        from ..roles import output_exponents
+        from ..roles.deriving import default_probe_ids
 
         model = self._stand_in()
         return roles.site_roles(output_exponents(model, roles, default_probe_ids(model)))
@@ -148,9 +142,9 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
 
     Raises VerificationFailed (nothing written, the work directory removed) when a gate fails.
     """
-    from .fixing.export import check_export_target
-    from .fixing.gate import VerificationFailed
-    from .fixing.pipeline import run
+    from ..fixing.export import check_export_target
+    from ..fixing.gate import VerificationFailed
+    from ..fixing.pipeline import run
 
     dtype = parse_dtype(dtype)
     out = check_export_target(out, overwrite=overwrite, source=lm.path)
@@ -178,9 +172,9 @@ def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokeni
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from .fixing.apply import scaled_tensor
-    from .fixing.export import publish
-    from .fixing.pipeline import finalise
+    from ..fixing.apply import scaled_tensor
+    from ..fixing.export import publish
+    from ..fixing.pipeline import finalise
 
     scales = fix.scales()
     target = work / "checkpoint"
