@@ -44,7 +44,7 @@ class VariantResult:
 
 def parse_variants(spec: str) -> list[str]:
     """`fp32,bf16,...,fixed:DIR` -> names, each checked; a `fixed:` directory must be a checkpoint."""
-    from .model.loading import check_checkpoint_dir
+    from .model.checks import check_checkpoint_dir
 
     names = [part.strip() for part in spec.split(",") if part.strip()]
     if not names:

@@ -170,7 +170,8 @@ def compare_with_progress(loaded: LoadedModel, console: Console, texts: list[str
 def open_layerwise_for_cli(args, console: Console, max_memory: int | None):
     """MODEL's skeleton and tokenizer, for the layer-wise path."""
     from ..layerwise.jobs import open_layerwise
-    from ..model.loading import check_vocabulary, load_tokenizer, resolve_checkpoint_dir
+    from ..model.checks import check_vocabulary
+    from ..model.loading import load_tokenizer, resolve_checkpoint_dir
 
     target = resolve_device(args.device)
     quiet_transformers()

@@ -40,7 +40,7 @@ class LayerwiseModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from ..model.loading import check_checkpoint_dir
+        from ..model.checks import check_checkpoint_dir
 
         self.path = Path(path)
         check_checkpoint_dir(self.path)

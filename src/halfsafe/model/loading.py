@@ -14,7 +14,6 @@ when loaded, so they are refused unless the caller passes `allow_pickle=True`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HalfsafeError
+from .checks import check_checkpoint_dir, check_vocabulary, first_line
 
 DEMO = "demo"
 DEMO_NAME = "google/gemma-3-270m (GGUF Q4_K_M, dequantised)"
@@ -104,65 +104,6 @@ def resolve_checkpoint_dir(model: str, *, allow_pickle: bool = False) -> Path:
 # --- local directories --------------------------------------------------------------------
 
 
-def check_checkpoint_dir(path: Path, allow_pickle: bool = False) -> None:
-    """Refuse a directory that is not a loadable safetensors checkpoint, before loading anything."""
-    if not (path / "config.json").is_file():
-        raise HalfsafeError(f"'{path}' has no config.json, so it is not a Hugging Face checkpoint directory")
-    _check_config(path / "config.json")
-    shards = sorted(path.glob("*.safetensors"))
-    if shards:
-        for shard in shards:
-            check_safetensors(shard)
-        return
-    pickles = sorted(p.name for p in path.glob("*.bin"))
-    if pickles and not allow_pickle:
-        raise HalfsafeError(
-            f"'{path}' holds only pickle weights ({pickles[0]}), which can run code when loaded; "
-            "convert them to safetensors or pass --allow-pickle if you trust the source"
-        )
-    if pickles:
-        return
-    ggufs = sorted(p.name for p in path.glob("*.gguf"))
-    if ggufs:
-        raise HalfsafeError(f"'{path}' holds a GGUF file, not safetensors; pass the file itself: {path / ggufs[0]}")
-    raise HalfsafeError(f"'{path}' has a config.json but no weights (*.safetensors); it is not a usable checkpoint")
-
-
-def _check_config(path: Path) -> None:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise HalfsafeError(f"'{path}' is not valid JSON ({_first_line(exc)}); restore it from where the model came "
-                            "from") from exc
-    if not isinstance(config, dict):
-        raise HalfsafeError(f"'{path}' holds a JSON {type(config).__name__}, not an object of settings; restore it "
-                            "from where the model came from")
-
-
-def check_safetensors(path: Path) -> None:
-    """A safetensors file whose header parses and whose tensors all lie inside the file.
-
-    A copy cut short (a full disk, an interrupted download) is refused here with its sizes,
-    before transformers reports 'incomplete metadata' from deep inside loading.
-    """
-    fix = "copy or download it again"
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length)) if 8 + length <= size else None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise HalfsafeError(f"'{path}' is not a valid safetensors file ({_first_line(exc)}); {fix}") from exc
-    if size < 8 or header is None:
-        raise HalfsafeError(f"'{path}' is truncated: {size:,} bytes, too short for its own header; {fix}")
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise HalfsafeError(f"'{path}' has a malformed safetensors header; {fix}") from exc
-    if 8 + length + end > size:
-        raise HalfsafeError(f"'{path}' is truncated: {size:,} of {8 + length + end:,} bytes; {fix}")
-
-
 def _load_dir(
     path: Path,
     name: str,
@@ -183,7 +124,7 @@ def _load_dir(
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # transformers raises many types; the user needs one line
-        reason = _first_line(exc).rstrip(".")
+        reason = first_line(exc).rstrip(".")
         raise HalfsafeError(f"could not load the model in '{path}': {reason}; if its files are damaged, copy or "
                             "download them again") from exc
     check_vocabulary(model, tokenizer, path)
@@ -214,23 +155,6 @@ def load_tokenizer(path: Path, *, gguf_file: str | None = None, trust_remote_cod
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; its positions are masked
     return tokenizer
-
-
-def check_vocabulary(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """Refuse a tokenizer that produces ids the model has no embedding for.
-
-    Such an id fails inside the embedding lookup (`IndexError: index out of range in self`)
-    on the first prompt that contains it; a model with more rows than the tokenizer has ids
-    (padded vocabularies) is normal.
-    """
-    rows = model.get_input_embeddings().num_embeddings
-    largest = max(tokenizer.get_vocab().values(), default=-1)
-    if largest >= rows:
-        raise HalfsafeError(
-            f"the tokenizer in '{path}' has ids up to {largest:,} but the model's embedding has {rows:,} rows, so "
-            f"any text with a token id of {rows:,} or more would fail inside the model; use the tokenizer that "
-            "belongs to this checkpoint (or resize the model's embeddings to the tokenizer)"
-        )
 
 
 # --- BOS -----------------------------------------------------------------------------------
@@ -283,7 +207,7 @@ def read_gguf_header(path: Path) -> dict:
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
     except Exception as exc:
         raise HalfsafeError(
-            f"'{path}' is truncated or corrupt ({_first_line(exc)}); download or assemble it again"
+            f"'{path}' is truncated or corrupt ({first_line(exc)}); download or assemble it again"
         ) from exc
     if end > path.stat().st_size:
         raise HalfsafeError(f"'{path}' is truncated ({path.stat().st_size} of {end} bytes); download it again")
@@ -306,7 +230,7 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype, extra: dict) -> Loaded
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
     except Exception as exc:
-        raise HalfsafeError(f"could not load GGUF '{path}': {_first_line(exc)}") from exc
+        raise HalfsafeError(f"could not load GGUF '{path}': {first_line(exc)}") from exc
     # A dequantised GGUF model still carries its quantization config, which makes transformers
     # refuse `.half()` and `save_pretrained`; the weights are plain tensors now.
     _forget_gguf_quantization(model)
@@ -390,15 +314,6 @@ def _resolve_hub_id(repo_id: str, allow_pickle: bool) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         raise HalfsafeError(
-            f"'{repo_id}' is neither a local path nor a reachable hub model ({_first_line(exc)}); "
+            f"'{repo_id}' is neither a local path nor a reachable hub model ({first_line(exc)}); "
             "check the name, or pass a local directory"
         ) from exc
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    """The exception's first line, cut at a sentence's end when it is longer than `limit`."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    if len(text) <= limit:
-        return text
-    end = text.rfind(". ", 0, limit)
-    return text[:end] if end > 0 else text[:limit] + "..."

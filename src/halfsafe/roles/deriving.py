@@ -100,8 +100,7 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
     reading = {module for _, module in trace.reads} - containers
     for found, _ in starts:
         require(found, 1, "stream start")
-        found_modules = dict.fromkeys(s.param.rsplit(".", 1)[0] for s in found)
-        roles.writers.extend(m for m in found_modules if m not in roles.writers)
+        roles.writers += [m for m in dict.fromkeys(s.param.rsplit(".", 1)[0] for s in found) if m not in roles.writers]
     _writers(trace, roles, require, reading)
     _readers(model, trace, roles, require, containers)
     _companions(model, trace, roles, require)
