@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -66,20 +65,13 @@ def measure(name: str, fixed: str, new_tokens: int, repeats: int) -> dict:
 
 
 def machine() -> str:
-    import torch
-    import transformers
-
+    """benchmarks/common.py's machine line, with vLLM's version."""
     import vllm
 
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, vllm {vllm.__version__}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import machine as common_machine
+
+    return f"{common_machine()}, vllm {vllm.__version__}"
 
 
 def main() -> None:
