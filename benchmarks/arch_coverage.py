@@ -26,8 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
+from halfsafe.diagnosing import FiniteWatch  # noqa: E402
 from halfsafe.fixing.observe import find_decoder_layers  # noqa: E402
 from halfsafe.fixing.plan import power_of_two_scale  # noqa: E402
+from halfsafe.model.hooks import HookSet  # noqa: E402
 from halfsafe.roles import apply_roles, derive_roles, exactness_gate  # noqa: E402
 from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model  # noqa: E402
 
@@ -53,14 +55,12 @@ def stream_max(model, layers, batch) -> float:
         hidden = args[0] if args else kwargs.get("hidden_states")
         peak[0] = max(peak[0], hidden.abs().max().item())
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
-    try:
+    with HookSet() as hooks:
+        for layer in layers:
+            hooks.pre_forward(layer, hook, with_kwargs=True)
         with torch.no_grad():
             for ids in batch:
                 model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     return peak[0]
 
 
@@ -70,27 +70,13 @@ def logits_in(model, batch, dtype) -> list[torch.Tensor]:
         return [variant(input_ids=ids, use_cache=False).logits.float() for ids in batch]
 
 
-def first_nonfinite(model, batch, dtype) -> str | None:
+def first_nonfinite(model, batch, dtype) -> str:
     """The first module (in execution order) whose output is non-finite in `dtype`."""
     variant = copy.deepcopy(model).to(dtype)
-    names = {m: n for n, m in variant.named_modules()}
-    found = []
-
-    def hook(module, args, output):
-        tensor = output if isinstance(output, torch.Tensor) else (
-            next((t for t in output if isinstance(t, torch.Tensor)), None) if isinstance(output, tuple) else None)
-        if not found and tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            found.append(names[module])
-
-    handles = [m.register_forward_hook(hook) for m in variant.modules()]
-    try:
-        with torch.no_grad():
-            for ids in batch:
-                variant(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found[0] if found else "the logits"
+    with FiniteWatch(variant) as watch, torch.no_grad():
+        for ids in batch:
+            variant(input_ids=ids, use_cache=False)
+    return watch.first_nonfinite() or "the logits"
 
 
 def mean_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .model.hooks import HookSet
+
 BOS = 1
 MASSIVE = 1.0e5
 CHANNEL = 5
@@ -156,11 +158,9 @@ def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: 
     """Scale entry CHANNEL of `param` (a gain, a bias, or a weight row) until the stream entering
     `probe` reaches MASSIVE there; returns the value reached."""
     seen = []
-    handle = probe.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(
-            (args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()),
-        with_kwargs=True)
-    try:
+    with HookSet() as hooks:
+        hooks.pre_forward(probe, lambda m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"])[..., CHANNEL].abs().max().item()), with_kwargs=True)
         with torch.no_grad():
             if not bool((param[CHANNEL] + offset).abs().max() > 0):
                 param[CHANNEL] = 1.0 - offset  # a zero-initialised bias: give it something to scale
@@ -173,6 +173,4 @@ def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: 
                 if abs(factor - 1) < 0.05:
                     break
                 param[CHANNEL] = (param[CHANNEL] + offset) * factor - offset
-    finally:
-        handle.remove()
     return seen[0] if seen else 0.0

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import HalfsafeError
+from ..model.hooks import HookSet
 from .roles import Roles
 
 EXACT_BOUND = 1e-6  # max |delta logit| / max |logit|; see the module docstring
@@ -197,15 +198,13 @@ def _module_outputs(model: nn.Module, roles: Roles | None, ids: torch.Tensor, s:
         if tensor is not None and tensor.is_floating_point() and names[module] not in outputs:
             outputs[names[module]] = tensor.detach().float().clone()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
+    with HookSet() as hooks:
+        for module in model.modules():
+            hooks.forward(module, hook)
         with torch.no_grad():
             if roles is None:
                 model(input_ids=ids, use_cache=False)
             else:
                 with use_roles(model, roles, s, interior):
                     model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     return outputs

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..model.hooks import HookSet
+
 # Op names are normalised: underscores stripped, so `__add__`, `add_` and `add` are one name.
 ADD = {"add", "radd", "iadd", "sub", "rsub", "isub"}
 MUL = {"mul", "rmul", "imul", "multiply"}
@@ -199,7 +201,6 @@ def trace_model(model: nn.Module, input_ids: torch.Tensor, layers: nn.ModuleList
     names = {id(m): n for n, m in model.named_modules()}
     layer_names = {id(layer): names[id(layer)] for layer in layers}
     stack: list[str] = []
-    handles = []
     recorder = _Recorder(trace, param_names, stack, seeds)
 
     def enter(module, args, kwargs):
@@ -224,17 +225,14 @@ def trace_model(model: nn.Module, input_ids: torch.Tensor, layers: nn.ModuleList
             stack.pop()
         trace.outputs.setdefault(name, output)
 
-    try:
+    with HookSet() as hooks:
         for module in model.modules():
-            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
+            hooks.pre_forward(module, enter, with_kwargs=True)
+            hooks.forward(module, leave, with_kwargs=True, always_call=True)
         with torch.no_grad(), recorder:
             output = model(input_ids=input_ids, use_cache=False)
         trace.outputs["<logits>"] = output.logits
         logits_node = trace.latest.get(id(output.logits))
         trace.keep.append(output)
         trace.logits = logits_node
-    finally:
-        for handle in handles:
-            handle.remove()
     return trace
