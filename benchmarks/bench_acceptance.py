@@ -24,13 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
 from halfsafe.cli.session import quiet_transformers  # noqa: E402
-from halfsafe.fixing.apply import scaled_weights, use_fix  # noqa: E402
-from halfsafe.fixing.fix import plan_rescale  # noqa: E402
-from halfsafe.fixing.observe import observe  # noqa: E402
+from halfsafe.fixing.fix import InMemory  # noqa: E402
+from halfsafe.fixing.pipeline import rescaling  # noqa: E402
 from halfsafe.fixing.verify import greedy_tokens, match_lengths, measure_fidelity  # noqa: E402
 from halfsafe.model.loading import load_model  # noqa: E402
 from halfsafe.model.precision import cast_temporarily  # noqa: E402
-from halfsafe.model.registry import architecture_of  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 
 NEW_TOKENS = 32
@@ -38,14 +36,14 @@ MARGINS = (2.0, 4.0, 8.0)
 
 
 def variants_of(model, tokenizer):
-    arch = architecture_of(model)
-    sites = observe(model, tokenizer, bundled_prompts()).sites()
+    """bf16, and the fix at each margin as `fix` makes it (derived roles, proven, observed once)."""
+    backend = InMemory(model, tokenizer)
     variants = {"bf16": lambda: cast_temporarily(model, torch.bfloat16)}
+    sites = None
     for margin in MARGINS:
-        plan = plan_rescale(model, sites, dtype=torch.float16, margin=margin)
-        weights = scaled_weights(model, arch, plan, torch.float16)
-        name = f"fixed x 2^{int(torch.log2(torch.tensor(plan.residual_scale)))} (margin {margin:g})"
-        variants[name] = lambda plan=plan, weights=weights: use_fix(model, arch, plan, weights)
+        fix, _, sites = rescaling(backend, bundled_prompts(), dtype=torch.float16, margin=margin, sites=sites)
+        name = f"fixed x 2^{int(torch.log2(torch.tensor(fix.plan.residual_scale)))} (margin {margin:g})"
+        variants[name] = backend.variant(fix, torch.float16)
     return variants
 
 

@@ -261,7 +261,7 @@ def test_keep_fp32_runs_on_an_unregistered_architecture(inputs, tmp_path, capsys
 
 
 def test_an_unregistered_architecture_is_rescaled_through_derived_roles(inputs, tmp_path):
-    """GPT-2 is not in the registry: its roles are derived from the model, proven exact in fp32,
+    """GPT-2 is outside the hand-written reference: its roles are derived from the model, proven exact in fp32,
     and the export goes through the same path as every other model."""
     out = tmp_path / "fixed"
     assert _run(["fix", str(inputs / "gpt2"), "--out", str(out), "--prompts", str(inputs / "ok.txt"),

@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from halfsafe.fixing.apply import is_tied, norm_eps_settings, scaled_weights, use_fix
+from halfsafe.fixing.apply import is_tied, scaled_weights, use_fix
 from halfsafe.fixing.fix import VerificationFailed, fix
 from halfsafe.fixing.observe import observe
-from halfsafe.fixing.plan import make_plan, site_roles
+from halfsafe.fixing.plan import make_plan
 from halfsafe.model.precision import cast_temporarily
-from halfsafe.model.registry import ARCHITECTURES as REGISTRY
-from halfsafe.model.registry import architecture_of
 from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from tests.handwritten import ARCHITECTURES as REGISTRY
+from tests.handwritten import architecture_of, norm_eps_settings, scale_factors, site_roles
 
 TOKENIZER = byte_tokenizer()
 SHORT = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)  # what a tiny model needs; see testing.py
@@ -28,7 +28,7 @@ def logits(model, prompts=SHORT_PROMPTS):
         return [model(**TOKENIZER(p, return_tensors="pt")).logits[0].float() for p in prompts]
 
 
-def test_every_causal_registry_entry_has_a_tiny_model():
+def test_every_hand_written_entry_has_a_tiny_model():
     assert set(TESTED) == set(REGISTRY)
     assert set(TESTED.values()) <= set(ARCHITECTURES)
 
@@ -43,14 +43,14 @@ def test_fix_makes_planted_overflow_finite_and_preserves_the_function(arch, plan
         assert not all(torch.isfinite(x).all() for x in logits(model))  # broken before
 
     # In fp32 the rescaled model is the same function: the scales are powers of two and the
-    # norms' eps is scaled with them. Planned here from the registry entry: `fix` derives the
+    # norms' eps is scaled with them. Planned here from the hand-written entry: `fix` derives the
     # roles from the model and must reach the same plan.
     arch = architecture_of(model)
     recorder = observe(model, TOKENIZER, SHORT_PROMPTS)
     plan = make_plan(recorder.sites(), site_roles(arch, recorder.num_layers, is_tied(model)),
                      architecture=type(model).__name__, dtype=torch.float16)
     assert not plan.is_identity
-    exact = scaled_weights(model, arch, plan, torch.float32)
+    exact = scaled_weights(model, scale_factors(model, arch, plan), torch.float32)
     with use_fix(model, norm_eps_settings(model, arch, plan), plan, exact):
         for ref, out in zip(reference, logits(model), strict=True):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
@@ -109,7 +109,7 @@ def test_a_bfloat16_target_is_gated_against_bfloat16_without_the_fix():
 
 
 def _planted_gpt2():
-    """A tiny GPT-2 (not in the registry) whose residual channel 3 reaches 1e5 at every token."""
+    """A tiny GPT-2 (outside the hand-written reference) whose residual channel 3 reaches 1e5 at every token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -121,9 +121,9 @@ def _planted_gpt2():
     return model
 
 
-def test_an_architecture_outside_the_registry_is_rescaled_through_derived_roles():
+def test_an_architecture_outside_the_hand_written_reference_is_rescaled_through_derived_roles():
     """GPT-2 (learned positions, Conv1D writers with biases, LayerNorm readers) is not in the
-    registry: its roles are derived from the model and proven bit-exact before the fix."""
+    hand-written reference: its roles are derived from the model and proven bit-exact before the fix."""
     fixed, report = fix(_planted_gpt2(), TOKENIZER, **SHORT)
     assert report.plan.architecture == "GPT2LMHeadModel" and report.plan.residual_scale < 1
     assert report.exactness["equal"]
@@ -269,8 +269,8 @@ def test_keep_fp32_makes_planted_overflow_finite(arch):
     assert report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
 
 
-def test_keep_fp32_works_where_the_registry_has_no_entry():
-    """GPT-2 is unknown to the registry: keep-fp32 needs no roles at all."""
+def test_keep_fp32_works_without_roles():
+    """keep-fp32 needs no roles at all (GPT-2, outside the hand-written reference)."""
     model = _planted_gpt2()
     reference = logits(model)
     with cast_temporarily(model, torch.float16):

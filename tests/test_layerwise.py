@@ -286,14 +286,14 @@ def test_a_model_several_times_the_cap_is_fixed_under_it_with_the_in_memory_resu
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-# Types beyond the registry, each exercising another part of the derived roles: OLMo 2 (linear
+# Types beyond the hand-written reference, each exercising another part of the derived roles: OLMo 2 (linear
 # readers compensated by 1/s), Phi-3 (fused qkv and gate_up), GLM-4 (post-sublayer norms),
 # GPT-NeoX (parallel attention and MLP), StarCoder 2 (LayerNorm with biases).
 NEW_TYPES = ["olmo2", "phi3", "glm4", "gpt_neox", "starcoder2"]
 
 
 @pytest.mark.parametrize("model_type", NEW_TYPES)
-def test_layerwise_equals_in_memory_on_types_the_registry_never_knew(tmp_path, model_type):
+def test_layerwise_equals_in_memory_on_types_never_written_by_hand(tmp_path, model_type):
     """Layer-wise roles come from a narrow stand-in of the config: the observation, plan and
     every exported tensor equal the in-memory fix's, whose roles come from the model itself."""
     from halfsafe.fixing.observe import find_decoder_layers

@@ -8,15 +8,15 @@ import torch
 
 from halfsafe.errors import HalfsafeError
 from halfsafe.fixing.observe import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, SUBLAYER, SiteStat
-from halfsafe.fixing.plan import Plan, make_plan, power_of_two_scale, site_roles
-from halfsafe.model.registry import ARCHITECTURES
+from halfsafe.fixing.plan import Plan, make_plan, power_of_two_scale
+from tests.handwritten import ARCHITECTURES, site_roles
 
 LLAMA = ARCHITECTURES["LlamaForCausalLM"]
 GEMMA3 = ARCHITECTURES["Gemma3ForCausalLM"]
 
 
 def plan_for(sites, arch, layers, *, tied=False, **kwargs):
-    """`make_plan` with the registry entry's site roles (the fix derives the same from the model)."""
+    """`make_plan` with the hand-written entry's site roles (the fix derives the same from the model)."""
     return make_plan(sites, site_roles(arch, layers, tied), architecture=arch.name, **kwargs)
 
 

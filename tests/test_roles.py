@@ -1,4 +1,4 @@
-"""Roles derived from the model: they match the registry where it exists, they pass the exactness
+"""Roles derived from the model: they match the hand-written reference (tests/handwritten.py), they pass the exactness
 gate on every covered architecture, and the gate fails when a role is removed."""
 
 import copy
@@ -7,13 +7,12 @@ import functools
 import pytest
 import torch
 
-from halfsafe.fixing.apply import norm_eps_settings, scale_factors
 from halfsafe.fixing.observe import find_decoder_layers
 from halfsafe.fixing.plan import Plan, power_of_two_scale
-from halfsafe.model.registry import architecture_of
 from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, eps_settings, exactness_gate
 from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model
 from halfsafe.testing import ARCHITECTURES, build_tiny_model
+from tests.handwritten import architecture_of, norm_eps_settings, scale_factors
 
 S = 2.0**-3
 PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 33, 44, 55]])]
@@ -21,7 +20,7 @@ PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 3
 
 @functools.cache
 def _tiny(arch):
-    """(model, derived roles) of a registry architecture's tiny planted model, shared by the
+    """(model, derived roles) of a hand-written architecture's tiny planted model, shared by the
     tests that only read it (deriving and the gate restore every weight and eps)."""
     model = build_tiny_model(arch)
     return model, derive_roles(model)
@@ -39,24 +38,24 @@ def _logits(model, dtype):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_derived_roles_equal_the_registry_and_are_bit_exact(arch):
-    """Today's nine: the derived scales are the registry's, so `fix` keeps its numbers (the demo's
+def test_derived_roles_equal_the_hand_written_ones_and_are_bit_exact(arch):
+    """Today's nine: the derived scales are the hand-written entry's, so `fix` keeps its numbers (the demo's
     exported weights stay byte-identical), and the rescaled fp32 logits are torch.equal."""
     model, roles = _tiny(arch)
     assert not roles.refused, roles.refusals
     plan = Plan(architecture=arch, dtype="float16", margin=4.0, residual_scale=S)
-    registry = {name: (e.factor, e.offset) for name, e in scale_factors(model, architecture_of(model), plan).items()
+    written = {name: (e.factor, e.offset) for name, e in scale_factors(model, architecture_of(model), plan).items()
                 if e.factor != 1.0}
-    assert roles.factors(S) == registry
+    assert roles.factors(S) == written
     names = {id(m): n for n, m in model.named_modules()}
     derived = {(names.get(id(obj), "config"), attr, value) for obj, attr, value in eps_settings(model, roles, S)}
-    registry_eps = {(names.get(id(obj), "config"), attr, value)
+    written_eps = {(names.get(id(obj), "config"), attr, value)
                     for obj, attr, value in norm_eps_settings(model, architecture_of(model), plan)}
-    # The registry also moved vision-tower norms whose eps merely equals the text one (matching
+    # The hand-written reference also moved vision-tower norms whose eps merely equals the text one (matching
     # by value); they never touch the text path, and the vision config's eps is not written.
-    assert derived <= registry_eps
+    assert derived <= written_eps
     vision = ("model.vision_tower.", "model.multi_modal_projector.")
-    assert all(n.startswith(vision) for n, _, _ in registry_eps - derived)
+    assert all(n.startswith(vision) for n, _, _ in written_eps - derived)
     gate = exactness_gate(model, roles, PROMPTS)
     assert gate.passed and gate.equal, gate.describe()
 
@@ -160,13 +159,13 @@ def test_deriving_leaves_the_model_unchanged():
     assert eps == [m.variance_epsilon for m in model.modules() if hasattr(m, "variance_epsilon")]
 
 
-def test_real_demo_roles_are_the_registry_and_bit_exact(demo):
+def test_real_demo_roles_are_the_hand_written_ones_and_bit_exact(demo):
     roles = derive_roles(demo.model)
     assert not roles.refused
     plan = Plan(architecture="gemma3", dtype="float16", margin=4.0, residual_scale=S)
-    registry = {n: (e.factor, e.offset) for n, e in scale_factors(demo.model, architecture_of(demo.model), plan).items()
+    written = {n: (e.factor, e.offset) for n, e in scale_factors(demo.model, architecture_of(demo.model), plan).items()
                 if e.factor != 1.0}
-    assert roles.factors(S) == registry
+    assert roles.factors(S) == written
     ids = [demo.tokenizer(text, return_tensors="pt").input_ids for text in ("The capital of France is", "上海有个")]
     gate = exactness_gate(demo.model, roles, ids)
     assert gate.equal, gate.describe()  # NUMERICS.md section 7: torch.equal on the real model
@@ -179,9 +178,9 @@ def test_real_demo_roles_are_the_registry_and_bit_exact(demo):
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3", "llama"])
 def test_measured_output_scales_match_the_plan_site_roles(arch):
-    """Planning asks which sites move with s: the measured exponents agree with the registry's."""
-    from halfsafe.fixing.plan import site_roles
+    """Planning asks which sites move with s: the measured exponents agree with the hand-written entry's."""
     from halfsafe.roles import output_exponents
+    from tests.handwritten import site_roles
 
     model, roles = _tiny(arch)
     measured = output_exponents(model, roles, PROMPTS[0])
@@ -192,16 +191,16 @@ def test_measured_output_scales_match_the_plan_site_roles(arch):
             assert measured[site] == {"s": 1, "1/s": -1}[role], site
 
 
-def test_applying_scales_write_the_same_weights_as_the_registry():
+def test_applying_scales_write_the_same_weights_as_the_hand_written_reference():
     from halfsafe.fixing.apply import scaled_weights
     from halfsafe.roles import applying_scales
 
     model, roles = _tiny("gemma3_text")
     plan = Plan(architecture="gemma3_text", dtype="float16", margin=4.0, residual_scale=S)
-    derived = scaled_weights(model, None, plan, torch.float16, scales=applying_scales(roles, S))
-    registry = scaled_weights(model, architecture_of(model), plan, torch.float16)
-    assert derived.keys() == registry.keys()
-    assert all(torch.equal(derived[n], registry[n]) for n in registry)
+    derived = scaled_weights(model, applying_scales(roles, S), torch.float16)
+    written = scaled_weights(model, scale_factors(model, architecture_of(model), plan), torch.float16)
+    assert derived.keys() == written.keys()
+    assert all(torch.equal(derived[n], written[n]) for n in written)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "gemma3_text"])

@@ -139,10 +139,10 @@ def save_tiny_model(arch: str, directory: str | Path, **kwargs) -> Path:
 
 
 def save_unregistered_model(directory: str | Path, *, n_positions: int = 64, vocab_size: int = VOCAB) -> Path:
-    """A tiny GPT-2 checkpoint: a real transformers architecture that the registry does not know,
-    with a learned position table of `n_positions` rows (a prompt longer than that has no
-    position embedding) and `vocab_size` embedding rows (below 259 the byte tokenizer's ids
-    overrun it)."""
+    """A tiny GPT-2 checkpoint: a real transformers architecture outside the hand-written
+    reference (tests/handwritten.py), with a learned position table of `n_positions` rows (a
+    prompt longer than that has no position embedding) and `vocab_size` embedding rows (below
+    259 the byte tokenizer's ids overrun it)."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
     directory = Path(directory)

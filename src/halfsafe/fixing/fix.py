@@ -52,7 +52,7 @@ class InMemory:
         """A factory of blocks that run the model as fixed, restoring it after."""
         if isinstance(fix, KeepPlan):
             return lambda: use_keep_fp32(self.model, fix, dtype)
-        weights = scaled_weights(self.model, None, fix.plan, dtype, scales=fix.scales())
+        weights = scaled_weights(self.model, fix.scales(), dtype)
         return lambda: use_fix(self.model, fix.settings(self.model), fix.plan, weights)
 
     def verify(self, prompts: list[str], fix: Fix, dtype: torch.dtype, progress=None) -> dict:
@@ -69,7 +69,7 @@ class InMemory:
         if isinstance(fix, KeepPlan):
             apply_keep_fp32(self.model, fix, dtype)
         else:
-            put_weights(self.model, scaled_weights(self.model, None, fix.plan, dtype, scales=fix.scales()))
+            put_weights(self.model, scaled_weights(self.model, fix.scales(), dtype))
         finalise(self.model, fix, dtype, report)
 
 

@@ -1,6 +1,6 @@
 """The fallback strategy: keep the overflowing layers' computation in fp32.
 
-Second best to rescaling, and for any architecture: it needs no registry entry, only the
+Second best to rescaling, and for any architecture: it needs no derived roles, only the
 decoder layer stack and an fp32 observation. It costs memory (those layers' weights stay in
 fp32) and speed (fp32 arithmetic there), and it needs halfsafe at load time: the result is an
 in-memory model, not a checkpoint that stock transformers or vLLM can load.

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import HalfsafeError
 from ..model.hooks import HookSet
+from ..model.overrides import resolve
 
 EMBEDDING, RESIDUAL, SUBLAYER, INTERIOR, ATTN_LOGITS, LOGITS = (
     "embedding", "residual", "sublayer", "interior", "attn_logits", "logits",
@@ -49,7 +50,11 @@ class SiteStat:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layer stack: the module list as long as the config's `num_hidden_layers`."""
+    """The decoder layer stack: the module list as long as the config's `num_hidden_layers`, or
+    the one an override names (model/overrides.py)."""
+    resolved = resolve(model)
+    if resolved.layers is not None:
+        return resolved.layers
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     depth = getattr(config, "num_hidden_layers", None)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and depth and len(m) == depth]

@@ -8,7 +8,7 @@
   the consumer's weight *= 1/t, so the values between them shrink and the output does not change.
 
 Which sites move with s, 1/s or a pair's t comes from the model's derived roles
-(`Roles.site_roles`); `site_roles` below gives the same from a registry entry (tests cross-check).
+(`Roles.site_roles`).
 
 Each scale is the largest power of two that brings its sites below `dtype max / margin`:
 a power of two is exact in floating point, and scaling further than needed pushes small
@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 from ..dtypes import dtype_max, dtype_name
 from ..errors import HalfsafeError
-from ..model.registry import Architecture
 from .observe import ATTN_LOGITS, EMBEDDING, RESIDUAL, SiteStat
 
 # fix: the plan brings every site this factor below the dtype's maximum, so inputs unlike the
@@ -94,30 +93,6 @@ def power_of_two_scale(value: float, target: float) -> float:
 
 
 SiteRoles = tuple[dict[str, str], dict[str, str]]  # (site -> 's', '1/s' or 't'; 't' site -> its pair)
-
-
-def site_roles(arch: Architecture, num_layers: int, tied: bool) -> SiteRoles:
-    """A registry entry's answer to which sites scale with the residual scale ('s'), its inverse
-    ('1/s') or their pair's scale ('t'); the fix asks the derived roles (`Roles.site_roles`).
-
-    Returns (role by site name, pair 'producer->consumer' by site name for 't' sites). Every other site is
-    unchanged by the plan: readers' outputs, q/k/v, gate, logits. With a tied embedding the
-    final norm's gain is divided by s to keep the logits, so its output grows by 1/s.
-    """
-    roles: dict[str, str] = {}
-    if tied:
-        roles[f"{arch.prefix}.{arch.final_norm}"] = "1/s"
-    pairs: dict[str, str] = {}
-    base = f"{arch.prefix}.{arch.layers}"
-    for index in range(num_layers):
-        layer = f"{base}.{index}"
-        for writer in arch.attn_writers + arch.mlp_writers + arch.eps_companions:
-            roles[f"{layer}.{writer}"] = "s"
-        if arch.mlp_pair:
-            up, down = arch.mlp_pair
-            for name in (f"{layer}.{up}", f"{layer}.{down}:input"):
-                roles[name], pairs[name] = "t", f"{layer}.{up}->{layer}.{down}"
-    return roles, pairs
 
 
 def make_plan(

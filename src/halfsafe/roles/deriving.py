@@ -31,6 +31,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .provenance import eps_fields
 from .roles import Roles
 from .tracing import SHAPE, Trace, first_tensor, trace_model
 from .walking import (
@@ -42,6 +43,7 @@ from .walking import (
     only_read_along,
     param_of,
     producer,
+    read_outside,
     scalers,
 )
 
@@ -136,22 +138,33 @@ def _start_scalings(trace: Trace, roles: Roles) -> list[tuple[list[Scaling], set
 
 def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
     """Walk every write back to its parameters. An addition inside a module that itself reads
-    the stream (LayerNorm's `x - mean(x)`) is part of that reader, probed as a whole, not a write."""
-    memo: dict = {}
+    the stream (LayerNorm's `x - mean(x)`) is part of that reader, probed as a whole, not a write.
+    What a walk goes through gets scaled by s, so nothing else may read it: LongCat-Flash's
+    identity expert adds a reader norm's output into the stream while the other experts read it."""
     sources = [(operand, False) for add, operand in trace.writes if trace.nodes[add].module not in reading]
     sources += [(node, True) for node, _ in trace.starts]  # none after the second run, unless a later layer
+    paths: set[int] = {add for add, _ in trace.writes}
     for operand, is_start in sources:
+        visited: set[int] = set()
         try:
-            found = scalers(trace, operand, top=is_start, memo=memo)
+            found = scalers(trace, operand, top=is_start, visited=visited)
         except Unscalable as error:
             what = "what enters the first layer" if is_start else "a value added into the residual stream"
             roles.refusals.append(f"{what} cannot be scaled: {error}")
             continue
+        if not is_start:
+            paths |= {n for n in visited if n not in trace.params}
         require(found, 1, "writer")
         for s in found:
             module = s.param.rsplit(".", 1)[0]
             if module not in roles.writers:
                 roles.writers.append(module)
+    other = read_outside(trace, paths - {add for add, _ in trace.writes}, paths | trace.stream)
+    if other is not None:
+        value, reader = (trace.nodes[n] for n in other)
+        roles.refusals.append(f"a value added into the residual stream ('{value.op}' in {value.module or 'the model'}) "
+                              f"is also read by '{reader.op}' in {reader.module or 'the model'}: scaling it for the "
+                              "stream would change that reader")
 
 
 def _readers(model: nn.Module, trace: Trace, roles: Roles, require, containers: set[str]) -> None:
@@ -229,37 +242,35 @@ def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
 
 
 def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    values = set()
-    for module, attr in roles.eps:
-        values.add(getattr(model.get_submodule(module), attr))
-    linked = sorted(f for f, v in vars(config).items()
-                    if isinstance(v, float) and "eps" in f.lower() and v in values)
-    roles.config_eps = linked
-    shared = {getattr(config, f) for f in linked}
+    """Link the readers' eps to config fields (provenance.py: by rebuilding the model, never by
+    equal values), then give every other norm built from those fields its input times s."""
+    values = {getattr(model.get_submodule(m), a) for m, a in roles.eps}
+    fields = eps_fields(model, values) if roles.eps else {}
+    if isinstance(fields, str):
+        roles.export_blockers.append(fields)
+        return
+    roles.config_eps = sorted({fields[e] for e in roles.eps if e in fields})
     readers = tuple(roles.readers)
-    for name, module in model.named_modules():
-        if name in roles.readers or name.startswith(tuple(r + "." for r in readers)) or name not in trace.call_inputs:
+    for (name, attr), field_name in sorted(fields.items()):
+        if field_name not in roles.config_eps or name in roles.readers or name.startswith(
+                tuple(r + "." for r in readers)) or name not in trace.call_inputs:
+            continue  # a reader (already listed), or a module the forward never ran
+        if not _depends_on(model.get_submodule(name), trace, name, attr):
+            continue  # kept only to build a child (a mixer's `layer_norm_epsilon`), never read
+        try:
+            found = exclusive_scalers(trace, trace.call_inputs[name], name)
+        except Unscalable as error:
+            # In memory each module keeps its own eps, so the rescaled model stays exact; a
+            # checkpoint has one value per field, so an export cannot be.
+            roles.export_blockers.append(f"{name} shares the config's {field_name} with the stream's readers but its "
+                                         f"input cannot scale: {error}")
             continue
-        for attr, value in vars(module).items():
-            if not (isinstance(value, float) and "eps" in attr.lower() and value in shared):
-                continue
-            if not _depends_on(module, trace, name, attr):
-                continue  # kept only to build a child (a mixer's `layer_norm_epsilon`), never read
-            try:
-                found = exclusive_scalers(trace, trace.call_inputs[name], name)
-            except Unscalable as error:
-                # In memory each module keeps its own eps, so the rescaled model stays exact; a
-                # checkpoint has one value per field, so an export cannot be.
-                roles.export_blockers.append(f"{name} shares the config's eps with the stream's readers but its "
-                                             f"input cannot scale: {error}")
-                continue
-            require(found, 1, f"eps companion {name}")
-            roles.eps.append((name, attr))
-            roles.companions.append(name)
+        require(found, 1, f"eps companion {name}")
+        roles.eps.append((name, attr))
+        roles.companions.append(name)
     if roles.export_blockers:
         roles.config_eps = []
-    missing = [f"{m}.{a}" for m, a in roles.eps if getattr(model.get_submodule(m), a) not in shared]
+    missing = [f"{m}.{a}" for m, a in roles.eps if (m, a) not in fields]
     if missing:
         roles.export_blockers.append(f"eps not stored in the config (an exported checkpoint would reload it "
                                      f"unscaled): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")

@@ -54,7 +54,7 @@ def scaled_parameters(model: nn.Module, roles: Roles, s: float, interior: dict[s
 
 
 def applying_scales(roles: Roles, s: float, interior: dict[str, float] | None = None) -> dict:
-    """`roles` for residual scale s in the form `applying.scaled_weights(..., scales=...)` takes,
+    """`roles` for residual scale s in the form `apply.scaled_weights` takes,
     so `fix` can write the derived rescaling through its existing path."""
     from ..fixing.apply import _Scale
 

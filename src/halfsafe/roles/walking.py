@@ -89,20 +89,29 @@ def exclusive_scalers(trace: Trace, n: int, reader: str) -> list[Scaling]:
     found = scalers(trace, n, top=False, visited=visited)
     mine = {c for c in trace.consumers.get(n, [])
             if trace.nodes[c].module == reader or trace.nodes[c].module.startswith(reader + ".")}
-    visited |= mine
-    for v in visited - mine:
+    other = read_outside(trace, visited - mine, visited | mine)
+    if other is not None:
+        raise Unscalable(f"'{trace.nodes[other[0]].op}' output is also read by '{trace.nodes[other[1]].op}'",
+                         trace.nodes[other[1]].module)
+    return found
+
+
+def read_outside(trace: Trace, values: set[int], allowed: set[int]) -> tuple[int, int] | None:
+    """(value, reader): the first read of one of `values` (or a view of it) by a node outside
+    `allowed`, or None. `y.type_as(u)` reads only u's metadata and does not count."""
+    for v in sorted(values):
         frontier = [v]
         while frontier:
             u = frontier.pop()
             for c in trace.consumers.get(u, []):
                 node = trace.nodes[c]
-                if c in visited or (node.op in SHAPE and node.inputs[:1] != [u]):
-                    continue  # on the path, or `y.type_as(u)`: metadata only
+                if c in allowed or (node.op in SHAPE and node.inputs[:1] != [u]):
+                    continue
                 if node.op in SHAPE:
                     frontier.append(c)  # a view of the value: whoever reads it reads the value
                 else:
-                    raise Unscalable(f"'{trace.nodes[v].op}' output is also read by '{node.op}'", node.module)
-    return found
+                    return v, c
+    return None
 
 
 def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None,
