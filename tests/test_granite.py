@@ -7,7 +7,7 @@ plan: it scales the writers' weights by 2^-k and the constants act on the scaled
 unplanted tiny Granite, fixed float16 logits stay within 5e-4 of plain float16's at s = 2^-3 to
 2^-6, with either set of multipliers below).
 
-The fixture's massive activation is the registry fixtures' (`halfsafe.testing`): one MLP neuron
+The fixture's massive activation is the one `halfsafe.testing` plants in every reference fixture: one MLP neuron
 that fires on BOS only, as real massive activations do (Sun et al. 2024: the first token and a few
 delimiters, a near-constant value). The coverage benchmark's plant (`halfsafe.shrinking`) scales a
 whole output row of a writer instead, so the channel is massive at every token with a value that

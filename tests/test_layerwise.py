@@ -46,7 +46,7 @@ def test_layerwise_observation_equals_the_in_memory_one(tiny_dirs, arch):
     assert got == expected  # every site: max, channel, position, prompt
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gemma3", "qwen3_moe"])
 def test_layerwise_fix_writes_the_in_memory_checkpoint_bit_for_bit(tiny_dirs, tmp_path, arch):
     path = tiny_dirs[arch, "residual"]
     loaded = load_model(str(path))
@@ -174,9 +174,27 @@ def test_a_rerun_with_other_settings_starts_over(tiny_dirs, tmp_path):
     assert len(calls) == 4 + 4 + 5  # a full observation: the saved state was for other prompts
 
 
+def _without_an_expert(source: Path, directory: Path) -> Path:
+    """`source` with the last expert of layer 0 left out of its weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, directory, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = _tensors(source)
+    prefix = "model.layers.0.mlp.experts."  # one tensor per expert, as save_pretrained writes them
+    last = max(int(k[len(prefix):].split(".")[0]) for k in tensors if k.startswith(prefix))
+    kept = {k: v for k, v in tensors.items() if not k.startswith(f"{prefix}{last}.")}
+    assert len(kept) < len(tensors)
+    save_file(kept, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
 def test_layerwise_refusals_are_one_clear_line(tiny_dirs, tmp_path):
-    with pytest.raises(HalfsafeError, match="layout transformers converts when loading .* use the in-memory path"):
-        LayerwiseModel(tiny_dirs["qwen3_moe", "residual"])
+    with pytest.raises(HalfsafeError, match=r"makes model.layers.0.mlp.experts.\w+ of shape \[3, \d+, \d+\] from "
+                       r".* config.json says \[4, \d+, \d+\]; .* use a complete checkpoint$"):
+        observe_layerwise(LayerwiseModel(_without_an_expert(tiny_dirs["qwen3_moe", None], tmp_path / "moe")),
+                          load_tokenizer(tiny_dirs["qwen3_moe", None]), CALIBRATION[:1])
     with pytest.raises(HalfsafeError,
                        match=r"largest unit \(layer 0\) needs 144.5 KiB in fp32, above --max-memory 1000 B"):
         open_layerwise(tiny_dirs["llama", None], max_memory=parse_memory("1KB"))
@@ -292,21 +310,9 @@ def test_a_model_several_times_the_cap_is_fixed_under_it_with_the_in_memory_resu
 NEW_TYPES = ["olmo2", "phi3", "glm4", "gpt_neox", "starcoder2"]
 
 
-@pytest.mark.parametrize("model_type", NEW_TYPES)
-def test_layerwise_equals_in_memory_on_types_never_written_by_hand(tmp_path, model_type):
-    """Layer-wise roles come from a narrow stand-in of the config: the observation, plan and
-    every exported tensor equal the in-memory fix's, whose roles come from the model itself."""
-    from halfsafe.fixing.observe import find_decoder_layers
-    from halfsafe.roles import derive_roles
-    from halfsafe.shrinking import plant_massive_activation, tiny_model
-    from halfsafe.testing import VOCAB, byte_tokenizer
-
-    model = tiny_model(model_type, vocab_size=VOCAB)
-    path, layers = find_decoder_layers(model)
-    assert plant_massive_activation(model, layers, path, derive_roles(model)) > 65504
-    source = tmp_path / "source"
-    model.save_pretrained(str(source))
-    byte_tokenizer().save_pretrained(str(source))
+def _layerwise_and_in_memory(source: Path, tmp_path: Path) -> tuple[dict, dict]:
+    """Observe and fix `source` both ways; the observation and plan must be equal. Returns the
+    exported tensors, layer-wise and in-memory."""
     loaded = load_model(str(source))
     expected = {s.name: s for s in observe(loaded.model, loaded.tokenizer, CALIBRATION[:3]).sites()}
     assert {s.name: s for s in observe_layerwise(LayerwiseModel(source), loaded.tokenizer, CALIBRATION[:3])} == expected
@@ -315,6 +321,44 @@ def test_layerwise_equals_in_memory_on_types_never_written_by_hand(tmp_path, mod
     layerwise = fix_layerwise(open_layerwise(source), loaded.tokenizer, tmp_path / "layerwise",
                               calibration=CALIBRATION[:3], heldout=HELD[:2])
     assert layerwise.plan == report.plan and report.plan.residual_scale < 1
-    ours, theirs = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "in-memory")
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert _config(tmp_path / "layerwise") == _config(tmp_path / "in-memory")
+    return _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "in-memory")
+
+
+def _planted_source(model_type: str, directory: Path, **save) -> Path:
+    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.roles import derive_roles
+    from halfsafe.shrinking import plant_massive_activation, tiny_model
+    from halfsafe.testing import VOCAB, byte_tokenizer
+
+    model = tiny_model(model_type, vocab_size=VOCAB)
+    path, layers = find_decoder_layers(model)
+    assert plant_massive_activation(model, layers, path, derive_roles(model)) > 65504
+    model.save_pretrained(str(directory), **save)
+    byte_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("model_type", NEW_TYPES)
+def test_layerwise_equals_in_memory_on_types_never_written_by_hand(tmp_path, model_type):
+    """Layer-wise roles come from a narrow stand-in of the config: the observation, plan and
+    every exported tensor equal the in-memory fix's, whose roles come from the model itself."""
+    ours, theirs = _layerwise_and_in_memory(_planted_source(model_type, tmp_path / "source"), tmp_path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# Mixtral as `save_pretrained` writes it, one tensor per expert (`block_sparse_moe.experts.N.w1`,
+# `w2`, `w3`: the original release's layout, which transformers stacks into `mlp.experts.gate_up_proj`
+# and `down_proj` when loading), and as the model holds it (`save_original_format=False`).
+@pytest.mark.parametrize("original_format", [True, False], ids=["per-expert", "stacked"])
+def test_layerwise_reads_and_writes_the_layouts_transformers_converts(tmp_path, original_format):
+    """Each layer's experts are read through transformers' conversion, scaled as one stacked
+    tensor, and written back in the layout the in-memory export writes: that of the source."""
+    source = _planted_source("mixtral", tmp_path / "source", save_original_format=original_format)
+    ours, theirs = _layerwise_and_in_memory(source, tmp_path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    stored = _tensors(source)
+    assert ours.keys() == stored.keys()
+    assert any(".experts.0.w2." in k for k in ours) == original_format
+    experts = [k for k in ours if ".experts." in k]
+    assert experts and any(not torch.equal(ours[k], stored[k].half()) for k in experts)  # the scale reached them

@@ -9,7 +9,9 @@ How it works, with nothing model-specific:
 - the model is a *skeleton*: transformers builds it from its config with parameters on the
   meta device (no memory) and buffers real (rotary frequencies are computed, not stored);
 - a unit is *materialised* by reading its tensors from the safetensors files (memory-mapped,
-  one tensor at a time) into the skeleton's parameters, and put back on meta afterwards;
+  one tensor at a time; several stored tensors that make one parameter, such as one per expert,
+  through transformers' own conversion) into the skeleton's parameters, and put back on meta
+  afterwards;
 - the model's own forward prepares each layer's inputs: with the layers replaced by stand-ins
   that record their arguments and pass the hidden state through, one forward per prompt gives
   every layer's attention mask, rotary embeddings and positions, exactly as the model makes

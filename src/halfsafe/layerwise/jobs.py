@@ -11,6 +11,7 @@ over. `--out` appears only when everything is written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -166,9 +167,11 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
 
 def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
                      *, progress=None) -> Path:
-    """One shard per unit, each tensor read, scaled (`applying.scaled_tensor`), cast and written
-    under its name on disk; then config (`pipeline.finalise`: eps, dtype, `halfsafe` block),
-    generation config and tokenizer; then the rename to `out`."""
+    """One shard per unit: its tensors read, scaled (`applying.scaled_tensor`), cast, and written as
+    `save_pretrained` writes the in-memory model (names and layout through `Layout.stored`: Mixtral's
+    stacked experts go back to one tensor per expert); then config (`pipeline.finalise`: eps, dtype,
+    `halfsafe` block), generation config and tokenizer; then the rename to `out`."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -179,26 +182,31 @@ def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokeni
     scales = fix.scales()
     target = work / "checkpoint"
     target.mkdir(exist_ok=True)
-    # One shard per layer; outside the layers one per tensor (an embedding can take gigabytes).
-    outer = [[n] for n in lm.unit_names(OUTER)]
+    # One shard per layer; outside the layers one per tensor (an embedding can take gigabytes), or
+    # per set of tensors that transformers converts together.
+    outer = lm.layout.together(lm.unit_names(OUTER))
     groups = outer + [lm.unit_names(i) for i in range(lm.num_layers)]
     weight_map, total = {}, 0
     for k, names in enumerate(groups):
         shard = target / f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        keys = [lm.tensor_key(n) for n in names]
         if not shard.exists():  # a resumed run keeps the shards already written
-            # Read as stored: the arithmetic is float64 in slices, so no fp32 copy is needed.
-            tensors = {key: scaled_tensor(name, lm.load(name, dtype=None), scales.get(name), dtype).cpu().contiguous()
-                       for name, key in zip(names, keys, strict=True)}
+            # Read as stored, a set of converted-together tensors at a time: the arithmetic is float64
+            # in slices, so no fp32 copy of the unit is needed.
+            tensors = {}
+            for together in lm.layout.together(names):
+                fixed = {name: scaled_tensor(name, tensor, scales.get(name), dtype)
+                         for name, tensor in lm.load(together, dtype=None).items()}
+                tensors.update((key, tensor.cpu().contiguous()) for key, tensor in lm.layout.stored(fixed).items())
+                del fixed
             temporary = shard.with_name(shard.name + ".tmp")
             save_file(tensors, str(temporary), metadata={"format": "pt"})
             os.replace(temporary, shard)
             del tensors
             release_memory(lm.device)
-        for name, key in zip(names, keys, strict=True):
-            weight_map[key] = shard.name
-            shape = lm.model.get_parameter(name).shape
-            total += torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
+        with safe_open(str(shard), framework="pt") as handle:  # the header only
+            for key in handle.keys():
+                weight_map[key] = shard.name
+                total += math.prod(handle.get_slice(key).get_shape()) * torch.finfo(dtype).bits // 8
         if progress is not None and k >= len(outer) - 1:  # once outside the layers, then once per layer
             progress()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

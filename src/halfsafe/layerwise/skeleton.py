@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import HalfsafeError
 from ..fixing.observe import find_decoder_layers, last_logits_only
-from .checkpoint import Checkpoint, _checkpoint_keys
+from .checkpoint import Checkpoint, Layout
 
 # Units besides the layers: everything outside them (what the export writes), and its two
 # halves as the passes need them: the input embedding (capture) and the rest (tail). A tied
@@ -67,26 +67,31 @@ class LayerwiseModel:
                 if param is not None:
                     full = f"{module_name}.{leaf}" if module_name else leaf
                     by_id.setdefault(id(param), []).append((full, _Slot(module, leaf)))
-        self._keys = _checkpoint_keys(self.model, self.checkpoint)  # parameter name -> tensor name on disk
+        self.layout = Layout(self.model, self.checkpoint)
         for places in by_id.values():
             names = [n for n, _ in places]
-            stored = [n for n in names if n in self._keys]
+            stored = [n for n in names if n in self.layout]
             if not stored:
                 raise HalfsafeError(
                     f"'{self.path}' has no tensor for {names[0]}; it is not a checkpoint of this configuration"
                 )
             self._slots[stored[0]] = [slot for _, slot in places]
-        prefix = self.layers_path + "."
         self._units: dict[int | str, list[str]] = {OUTER: [], INPUT: [], FINAL: []}
         embedding = self.model.get_input_embeddings()
         for name, slots in self._slots.items():
-            index = int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else OUTER
+            index = self._unit_of(name)
             self._units.setdefault(index, []).append(name)
             if index == OUTER:
                 if any(slot.module is embedding for slot in slots):
                     self._units[INPUT].append(name)
                 if any(slot.module is not embedding for slot in slots):
                     self._units[FINAL].append(name)
+        self.layout.check_units(self._unit_of)
+
+    def _unit_of(self, name: str) -> int | str:
+        """The layer a parameter belongs to, or OUTER."""
+        prefix = self.layers_path + "."
+        return int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else OUTER
 
     @property
     def num_layers(self) -> int:
@@ -106,22 +111,18 @@ class LayerwiseModel:
         name = max(sizes, key=sizes.get)
         return name, sizes[name]
 
-    def tensor_key(self, name: str) -> str:
-        """The checkpoint's name for the parameter `name` (a unit name)."""
-        return self._keys[name]
-
-    def load(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """One parameter's weights (in `dtype`, or as stored if None), read from disk without
-        materialising anything."""
-        return self.checkpoint.load(self._keys[name], dtype=dtype, device=self.device)
+    def load(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Parameters' weights (in `dtype`, or as stored if None), read from disk (and converted as
+        transformers loads them) without materialising anything."""
+        return self.layout.read(names, dtype=dtype, device=self.device)
 
     @contextmanager
     def materialised(self, unit: int | str):
         """The unit's parameters hold their fp32 weights (on the device) inside the block."""
         names = self.unit_names(unit)
         try:
-            for name in names:
-                param = nn.Parameter(self.load(name), requires_grad=False)
+            for name, tensor in self.load(names).items():
+                param = nn.Parameter(tensor, requires_grad=False)
                 for slot in self._slots[name]:
                     slot.module._parameters[slot.leaf] = param
             yield
