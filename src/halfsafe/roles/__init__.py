@@ -6,7 +6,7 @@ config fields to multiply by s^2, the interior (producer, consumer) pairs, or re
 what cannot be rescaled exactly. `exactness_gate` applies them in fp32 and compares logits.
 """
 
-from .deriving import derive_roles, probe_invariance
+from .deriving import derive_roles
 from .gate import (
     EXACT_BOUND,
     GateResult,
@@ -18,6 +18,7 @@ from .gate import (
     scaled_parameters,
     use_roles,
 )
+from .probing import probe_invariance
 from .roles import Roles
 
 __all__ = [

@@ -31,9 +31,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .probing import depends_on, probe_invariance
 from .provenance import eps_fields
 from .roles import Roles
-from .tracing import SHAPE, Trace, first_tensor, trace_model
+from .tracing import SHAPE, Trace, trace_model
 from .walking import (
     LINEAR,
     Scaling,
@@ -46,8 +47,6 @@ from .walking import (
     read_outside,
     scalers,
 )
-
-PROBE_SCALE = 2.0**-3
 
 
 def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Roles:
@@ -73,22 +72,26 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
 
     uses = _uses(trace)
 
-    def use_of(scaling: Scaling) -> int:
-        """The op that consumes the parameter, past any cast or view the walk stopped at."""
+    def use_of(scaling: Scaling, along: set[int] | None) -> int:
+        """The op that consumes the parameter, past any cast or view the walk stopped at; with
+        `along` (the walk's nodes), the one on that path: Gemma 4 reads a row of its embedding
+        table into the stream by `where` as well as through the embedding op."""
         if scaling.op in uses[scaling.param]:
             return scaling.op
         frontier = [scaling.op]
         while frontier:
             n = frontier.pop()
             for c in trace.consumers.get(n, []):
+                if along is not None and c not in along:
+                    continue
                 if c in uses[scaling.param]:
                     return c
                 if trace.nodes[c].op in SHAPE:
                     frontier.append(c)
         return scaling.op
 
-    def require(scalings: list[Scaling], exponent: int, why: str) -> bool:
-        scalings = [Scaling(x.param, x.offset, use_of(x)) for x in scalings]
+    def require(scalings: list[Scaling], exponent: int, why: str, along: set[int] | None = None) -> bool:
+        scalings = [Scaling(x.param, x.offset, use_of(x, along)) for x in scalings]
         for s in {(x.param, x.op): x for x in scalings}.values():
             if offsets.setdefault(s.param, s.offset) != s.offset:
                 roles.refusals.append(f"{s.param} is used as a gain with offsets {offsets[s.param]:g} and "
@@ -141,10 +144,10 @@ def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
     the stream (LayerNorm's `x - mean(x)`) is part of that reader, probed as a whole, not a write.
     What a walk goes through gets scaled by s, so nothing else may read it: LongCat-Flash's
     identity expert adds a reader norm's output into the stream while the other experts read it."""
-    sources = [(operand, False) for add, operand in trace.writes if trace.nodes[add].module not in reading]
-    sources += [(node, True) for node, _ in trace.starts]  # none after the second run, unless a later layer
+    sources = [(add, operand, False) for add, operand in trace.writes if trace.nodes[add].module not in reading]
+    sources += [(None, node, True) for node, _ in trace.starts]  # none after the second run, unless a later layer
     paths: set[int] = {add for add, _ in trace.writes}
-    for operand, is_start in sources:
+    for add, operand, is_start in sources:
         visited: set[int] = set()
         try:
             found = scalers(trace, operand, top=is_start, visited=visited)
@@ -154,7 +157,7 @@ def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
             continue
         if not is_start:
             paths |= {n for n in visited if n not in trace.params}
-        require(found, 1, "writer")
+        require(found, 1, "writer", along=None if is_start else visited | {add})
         for s in found:
             module = s.param.rsplit(".", 1)[0]
             if module not in roles.writers:
@@ -195,52 +198,6 @@ def _readers(model: nn.Module, trace: Trace, roles: Roles, require, containers: 
             roles.readers[module] = "scale-invariant"
 
 
-def probe_invariance(module: nn.Module, trace: Trace, name: str, s: float = PROBE_SCALE) -> str | None:
-    """Run `module` on its recorded input with the stream part times s: the float attribute
-    (own or a child's, 'child.attr') that, times s^2, makes the output unchanged; '' if none
-    is needed; None if the module is not scale-invariant."""
-    args, kwargs = trace.calls[name]
-
-    def scaled(value):
-        if isinstance(value, torch.Tensor) and trace.latest.get(id(value)) in trace.stream:
-            return value * s
-        if isinstance(value, (list, tuple)):
-            return type(value)(scaled(v) for v in value)
-        if isinstance(value, dict):
-            return {k: scaled(v) for k, v in value.items()}
-        return value
-
-    candidates = [(f"{path}.{attr}" if path else attr, child, attr)
-                  for path, child in module.named_modules()
-                  for attr, value in vars(child).items() if isinstance(value, float) and not isinstance(value, bool)]
-    candidates.sort(key=lambda c: "eps" not in c[0].lower())
-    with torch.no_grad():
-        reference = first_tensor(module(*args, **kwargs))
-        scaled_args, scaled_kwargs = scaled(args), scaled(kwargs)
-        for exact in (True, False):
-            for label, child, attr in candidates + [("", None, None)]:
-                old = getattr(child, attr) if child is not None else None
-                try:
-                    if child is not None:
-                        setattr(child, attr, old * s * s)
-                    out = first_tensor(module(*scaled_args, **scaled_kwargs))
-                finally:
-                    if child is not None:
-                        setattr(child, attr, old)
-                if _same(reference, out, exact):
-                    return label
-    return None
-
-
-def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
-    if a is None or b is None or a.shape != b.shape:
-        return False
-    if exact:
-        return torch.equal(a, b)
-    scale = a.abs().max().item() or 1.0
-    return (a - b).abs().max().item() <= 1e-6 * scale
-
-
 def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
     """Link the readers' eps to config fields (provenance.py: by rebuilding the model, never by
     equal values), then give every other norm built from those fields its input times s."""
@@ -255,7 +212,7 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
         if field_name not in roles.config_eps or name in roles.readers or name.startswith(
                 tuple(r + "." for r in readers)) or name not in trace.call_inputs:
             continue  # a reader (already listed), or a module the forward never ran
-        if not _depends_on(model.get_submodule(name), trace, name, attr):
+        if not depends_on(model.get_submodule(name), trace, name, attr):
             continue  # kept only to build a child (a mixer's `layer_norm_epsilon`), never read
         try:
             found = exclusive_scalers(trace, trace.call_inputs[name], name)
@@ -274,20 +231,6 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
     if missing:
         roles.export_blockers.append(f"eps not stored in the config (an exported checkpoint would reload it "
                                      f"unscaled): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-
-
-def _depends_on(module: nn.Module, trace: Trace, name: str, attr: str) -> bool:
-    """Does `module`'s output on its recorded input change when `attr` changes?"""
-    args, kwargs = trace.calls[name]
-    old = getattr(module, attr)
-    with torch.no_grad():
-        reference = first_tensor(module(*args, **kwargs))
-        try:
-            setattr(module, attr, old + 1e3)
-            changed = first_tensor(module(*args, **kwargs))
-        finally:
-            setattr(module, attr, old)
-    return reference is not None and changed is not None and not torch.equal(reference, changed)
 
 
 def _uses(trace: Trace) -> dict[str, list[int]]:
@@ -408,4 +351,4 @@ def _pairs(trace: Trace, companions: list[str]) -> tuple[list[tuple[str, str]], 
     return pairs, exponents
 
 
-__all__ = ["derive_roles", "probe_invariance", "param_of"]
+__all__ = ["derive_roles", "param_of"]
