@@ -207,13 +207,27 @@ def test_cli_fix_exports_a_checkpoint_plain_transformers_runs_in_float16(tiny_di
                  *short_prompt_args]) == 0
     printed = capsys.readouterr().out
     assert "residual stream x 2^-3" in printed and "float16 fixed (rescale): all finite" in printed
+    # What was derived and how exactly it was proven, before the plan.
+    roles_line = " ".join(printed.split()).split(" plan (rescale)")[0]
+    assert roles_line.startswith("roles derived from Gemma3ForCausalLM: ")
+    assert roles_line.endswith("eps x s^2 in config rms_norm_eps; proven in fp32 on 2 prompt(s): max |delta logit| "
+                               "0.0e+00 (bit-identical)")
     assert _tree(source) == untouched  # the input is never modified
 
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float16"
     block = config["halfsafe"]
     assert block["plan"]["residual_scale"] == 0.125 and block["verification"]["fixed"]["nonfinite_share"] == 0
-    assert json.loads((tmp_path / "plan.json").read_text())["plan"] == block["plan"]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["plan"] == block["plan"]
+    # The config counts the roles; --plan-json names every one of them.
+    assert block["roles"]["eps_fields"] == ["rms_norm_eps"] and block["exactness"]["equal"]
+    counts = block["roles"]
+    assert f"{counts['writers']} writer(s), {sum(counts['readers'].values())} reader(s)" in roles_line
+    # The readers: 4 layers x (input, pre-feedforward norm) and the final norm; the tied head's input.
+    assert counts["readers"] == {"scale-invariant": 9, "input x 1/s": 1}
+    assert len(plan["roles"]["scales"]) == block["roles"]["scaled_parameters"] > 0
+    assert "model.layers.0.post_feedforward_layernorm" in plan["roles"]["writers"]
     assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
     # Readable by others, like any checkpoint.
     assert oct((out / "model.safetensors").stat().st_mode & 0o044) == oct(0o044)

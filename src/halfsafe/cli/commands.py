@@ -127,7 +127,7 @@ def run_fix(args) -> int:
         render_fix(report, console)
         console.print(f"fixed checkpoint written to {Path(args.out).expanduser().resolve()}", highlight=False)
         if plan_path:
-            write_json(report.to_json(), plan_path)
+            write_json(report.to_json(full_roles=True), plan_path)
         return 0
     loaded = _load(args, console)
     model, report = fix_with_progress(loaded, console, dtype=dtype, strategy=args.strategy, margin=args.margin,
@@ -138,7 +138,7 @@ def run_fix(args) -> int:
         out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)
         console.print(f"fixed checkpoint written to {out}", highlight=False)
     if plan_path:
-        write_json(report.to_json(), plan_path)
+        write_json(report.to_json(full_roles=True), plan_path)
     return 0
 
 

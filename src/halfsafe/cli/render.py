@@ -92,11 +92,27 @@ def fidelity_table(fidelity: dict, title: str) -> Table:
     return table
 
 
+def describe_roles(summary: dict, exactness: dict | None) -> str:
+    """One line: what was derived, and how exactly the fp32 gate reproduced the model."""
+    readers = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["readers"].items()))
+    line = (f"roles derived from {summary['model_class']}: {summary['writers']} writer(s), "
+            f"{sum(summary['readers'].values())} reader(s) ({readers or 'none'}), "
+            f"{summary['interior_pairs']} interior pair(s); eps x s^2 in config "
+            f"{', '.join(summary['eps_fields']) or '(none)'}")
+    if exactness is not None:
+        how = "bit-identical" if exactness["equal"] else f"{exactness['relative']:.1e} of the largest logit"
+        line += (f"; proven in fp32 on {exactness.get('prompts', 2)} prompt(s): max |delta logit| "
+                 f"{exactness['max_delta']:.1e} ({how})")
+    return line
+
+
 def _sci(value: float) -> str:
     return f"{value:.1e}" if math.isfinite(value) else str(value)
 
 
 def render_fix(report, console: Console) -> None:
+    if report.roles is not None:
+        console.print(describe_roles(report.roles.summary(), report.exactness), markup=False, highlight=False)
     console.print(f"plan ({report.strategy}): {report.plan.describe()}", markup=False, highlight=False)
     if report.speed_ratio is not None:
         console.print(f"speed: {report.speed_ratio:.2f}x the forward throughput of the all-{report.plan.dtype} model",

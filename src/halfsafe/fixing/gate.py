@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import HalfsafeError
+from ..roles import Roles
 from .keep_fp32 import KeepPlan
 from .plan import Plan
 from .verify import Fidelity
@@ -33,13 +34,17 @@ class FixReport:
     max_kl: float | None = None  # the gate's KL bound (from plain bf16's mean KL unless set; see `gate`)
     calibration_prompts: int = 0
     verification_prompts: int = 0
-    exactness: dict | None = None  # rescale: the fp32 gate's max_delta, relative, equal
+    exactness: dict | None = None  # rescale: the fp32 gate's max_delta, relative, equal, prompts
+    roles: Roles | None = None  # rescale: the derived roles (a summary goes into the config)
 
     @property
     def fixed(self) -> Fidelity | None:
         return self.fidelity.get("fixed")
 
-    def to_json(self) -> dict:
+    def to_json(self, *, full_roles: bool = False) -> dict:
+        """The report as the exported config's `halfsafe` block carries it; `full_roles`: every
+        derived role by name (for --plan-json) rather than their counts."""
+        roles = None if self.roles is None else self.roles.to_json() if full_roles else self.roles.summary()
         return {
             "version": __version__,
             "strategy": self.strategy,
@@ -47,6 +52,7 @@ class FixReport:
             "speed_ratio": self.speed_ratio,
             "calibration_prompts": self.calibration_prompts,
             **({"exactness": self.exactness} if self.exactness is not None else {}),
+            **({"roles": roles} if roles is not None else {}),
             "verification": {
                 "prompts": self.verification_prompts,
                 "max_kl": self.max_kl,

@@ -161,7 +161,9 @@ def run(backend: Backend, *, dtype: torch.dtype, strategy: str, margin: float, c
     report = FixReport(plan, strategy=strategy, calibration_prompts=len(calibration),
                        verification_prompts=len(heldout) if verify else 0)
     if proof is not None:
-        report.exactness = {"max_delta": proof.max_delta, "relative": proof.relative, "equal": proof.equal}
+        report.exactness = {"max_delta": proof.max_delta, "relative": proof.relative, "equal": proof.equal,
+                            "prompts": min(GATE_PROMPTS, len(calibration))}
+        report.roles = fix.roles
     if verify:
         report.fidelity = backend.verify(heldout, fix, dtype, progress)
         gate(report, dtype, max_kl)

@@ -61,6 +61,18 @@ class Roles:
         data["writers"] = [w for w in data["writers"] if w != module]
         return Roles.from_json(data)
 
+    def summary(self) -> dict:
+        """What an exported config and the CLI say about the roles: counts, not names."""
+        kinds: dict[str, int] = {}
+        for how in self.readers.values():
+            # 'scale-invariant[: eps x s^2]', 'linear: weight x 1/s', 'uses P: input x 1/s' (a tied head)
+            kind = {"linear": "linear x 1/s", "uses": "input x 1/s"}.get(how.split(":")[0].split()[0],
+                                                                           "scale-invariant")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return {"model_class": self.model_class, "writers": len(self.writers), "readers": kinds,
+                "scaled_parameters": len(self.scales), "eps_fields": list(self.config_eps),
+                "interior_pairs": len(self.interior)}
+
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
