@@ -9,11 +9,12 @@ Prints, with the machine:
    (greedy tokens, and the largest change in any top-1 - top-2 logit gap);
 4. whether this CPU's float16 matmul rounds once (fp32 accumulation) or more often.
 
-Run: python benchmarks/bench_acceptance.py   (over an hour on a 2-core CPU shared with other jobs)
+Run: python benchmarks/bench_acceptance.py [--prompts N]   (over an hour on a 2-core CPU shared with other jobs)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -92,12 +93,15 @@ def matmul_rounding() -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, help="only the first N held-out prompts (default: all 48)")
+    args = parser.parse_args()
     quiet_transformers()
     print(f"machine: {machine()}")
     started = time.perf_counter()
     loaded = load_model("demo")
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompts = bundled_prompts(HELDOUT)
+    prompts = bundled_prompts(HELDOUT)[: args.prompts]
     variants = variants_of(model, tokenizer)
     with torch.inference_mode():
         fidelity = measure_fidelity(model, tokenizer, prompts, variants, new_tokens=0)
