@@ -169,22 +169,6 @@ def _resolve(layer: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
         return None
 
 
-def _pair_key(arch: Architecture, index: int) -> str:
-    layer = f"{arch.prefix}.{arch.layers}.{index}"
-    return f"{layer}.{arch.mlp_pair[0]}->{layer}.{arch.mlp_pair[1]}"
-
-
-def _resolve(layer: nn.Module, path: str) -> nn.Module | nn.Parameter | None:
-    try:
-        return layer.get_submodule(path)
-    except AttributeError:
-        pass
-    try:
-        return layer.get_parameter(path)
-    except AttributeError:
-        return None
-
-
 def norm_eps_settings(model: nn.Module, arch: Architecture, plan: Plan) -> list[tuple[object, str, float]]:
     """(object, attribute, new value) for the config's eps and every RMSNorm whose eps equals it:
     eps * s^2. Matching by value is this reference's simplification; the fix links each eps to
