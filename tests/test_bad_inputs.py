@@ -36,6 +36,14 @@ def inputs(tmp_path_factory) -> Path:
     ctrl.save_pretrained(str(root / "ctrl"))
     byte_tokenizer().save_pretrained(str(root / "ctrl"))
     save_unregistered_model(root / "smallvocab", vocab_size=100)  # the byte tokenizer's ids reach 258
+    # transformers' xLSTM does not run in float16 past one chunk (an fp32 gate meets a float16 product)
+    xlstm = tiny_model("xlstm", vocab_size=VOCAB)
+    xlstm.save_pretrained(str(root / "xlstm"))
+    byte_tokenizer().save_pretrained(str(root / "xlstm"))
+    (root / "overrides-badjson.json").write_text("{not json\n")
+    (root / "overrides-nowhy.json").write_text('{"LlamaForCausalLM": {"layers": "model.layers"}}\n')
+    (root / "overrides-wrongpath.json").write_text(
+        '{"LlamaForCausalLM": {"why": "a user names the stack", "layers": "model.blocks"}}\n')
     (root / "empty").mkdir()
     _copy(llama, root / "badconfig").joinpath("config.json").write_text("{not json\n")
     _copy(llama, root / "noweights").joinpath("model.safetensors").unlink()
@@ -170,6 +178,20 @@ CASES = {
         "--strategy keep-fp32 cannot be exported"),
     "unregistered architecture, --layerwise": (["diagnose", "{in}/gpt2", "--layerwise", "--prompts", "{in}/ok.txt"],
                                                "layer-wise mode cannot run GPT2LMHeadModel"),
+    "a model transformers cannot run in float16": (
+        ["diagnose", "{in}/xlstm", "--device", "cpu"],
+        "xLSTMForCausalLM fails to run with its weights in float16 (expected m1 and m2 to have the same dtype"),
+    "--overrides missing": (["diagnose", "{in}/llama", "--overrides", "{in}/nowhere.json"],
+                            "--overrides {in}/nowhere.json: no such file; give a JSON object mapping"),
+    "--overrides not JSON": (["diagnose", "{in}/llama", "--overrides", "{in}/overrides-badjson.json"],
+                             "is not JSON (Expecting property name enclosed in double quotes, line 1)"),
+    "--overrides entry without why": (["fix", "{in}/llama", "--out", "{out}/fixed", "--overrides",
+                                       "{in}/overrides-nowhy.json"],
+                                      "override 'LlamaForCausalLM' must give 'why' and one of layers"),
+    "--overrides naming a missing stack": (["fix", "{in}/llama", "--out", "{out}/fixed", "--overrides",
+                                            "{in}/overrides-wrongpath.json", "--prompts", "{in}/ok.txt"],
+                                           "the override for LlamaForCausalLM says the decoder layers are "
+                                           "'model.blocks', which LlamaForCausalLM does not have"),
 }
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from halfsafe.errors import HalfsafeError
 from halfsafe.fixing.observe import find_decoder_layers
-from halfsafe.model.overrides import overrides, parse, resolve
+from halfsafe.model.overrides import extra_overrides, overrides, parse, resolve
 from halfsafe.roles import apply_roles, derive_roles, exactness_gate
 from halfsafe.roles.provenance import eps_fields
 from halfsafe.shrinking import BOS, tiny_model
@@ -57,6 +57,17 @@ def test_a_subclass_takes_its_base_class_entry_and_a_wrong_path_is_an_error():
     with pytest.raises(HalfsafeError, match=r"override for LlamaForCausalLM says the decoder layers are "
                                             r"'model.blocks'.*keep-fp32"):
         resolve(model, wrong)
+
+
+def test_a_users_entries_take_precedence_inside_the_block_only():
+    """`--overrides FILE`: a user's entry for a class replaces halfsafe's while the command runs."""
+    model = tiny_model("longcat_flash")
+    wrong = parse({"LongcatFlashForCausalLM": {"why": "a user's entry, naming a missing stack",
+                                               "layers": "model.stack"}})
+    with extra_overrides(wrong):
+        with pytest.raises(HalfsafeError, match="'model.stack'"):
+            find_decoder_layers(model)
+    assert find_decoder_layers(model)[1] is model.model.layers  # halfsafe's own entry again
 
 
 def test_a_value_the_stream_writes_and_another_op_reads_is_refused_and_the_gate_agrees():

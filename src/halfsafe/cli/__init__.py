@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import HalfsafeError
+from ..model.overrides import extra_overrides, read_overrides
 from .commands import EXIT_UNSAFE, run_compare, run_diagnose, run_fix, run_generate
 from .parser import build_parser
 
@@ -24,18 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "diagnose":
-            return run_diagnose(args)
-        if args.command == "fix":
-            return run_fix(args)
-        if args.command == "compare":
-            return run_compare(args)
-        if args.command == "generate":
-            return run_generate(args)
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo(plot=args.plot, device=args.device)
+        table = read_overrides(args.overrides) if getattr(args, "overrides", None) else {}
+        with extra_overrides(table):
+            return _run(args)
     except HalfsafeError as exc:
         print(f"halfsafe: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -51,4 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"halfsafe: error: out of memory on the device ({str(exc).splitlines()[0][:120]}); "
               "try --device cpu or a smaller model", file=sys.stderr)
         return 2
-    return 2
+
+
+def _run(args) -> int:
+    if args.command == "diagnose":
+        return run_diagnose(args)
+    if args.command == "fix":
+        return run_fix(args)
+    if args.command == "compare":
+        return run_compare(args)
+    if args.command == "generate":
+        return run_generate(args)
+    from .demo import run_demo
+
+    return run_demo(plot=args.plot, device=args.device)

@@ -147,6 +147,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle .bin weights (they can run code when loaded)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modelling code")
+    parser.add_argument("--overrides", metavar="FILE",
+                        help='what halfsafe cannot derive for this model, as JSON: {"ModelClass": {"why": "...", '
+                        '"layers": "model.layers"}} names the decoder-layer stack (see data/overrides.json)')
     parser.add_argument("--attn-implementation", choices=["eager", "sdpa"],
                         help="attention kernel to load the model with (default: transformers' choice)")
     parser.add_argument("--device-map", metavar="MAP",

@@ -18,6 +18,10 @@ def use_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
     The original tensors are kept by reference and restored exactly: casting fp32 -> fp16 ->
     fp32 instead would round every weight. Tied parameters are one Parameter object, listed
     once, so they stay tied.
+
+    Some of transformers' models do not run in every dtype (xLSTM's chunked recurrence mixes an
+    fp32 gate into a float16 product for inputs longer than a chunk): such a failure inside the
+    block is one HalfsafeError naming the model and dtype, not a traceback.
     """
     params = dict(model.named_parameters())
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -26,6 +30,16 @@ def use_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
             saved.append((params[name], params[name].data))
             params[name].data = tensor
         yield model
+    except RuntimeError as exc:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()} - {"float32"})
+        if "out of memory" in str(exc).lower() or not dtypes:
+            raise
+        raise HalfsafeError(
+            f"{type(model).__name__} fails to run with its weights in {', '.join(dtypes)} "
+            f"({str(exc).splitlines()[0][:160]}): transformers' implementation of this model does not support that "
+            "dtype here, so halfsafe cannot run or measure it in it; use another --dtype (bfloat16) or keep the "
+            "model in float32"
+        ) from exc
     finally:
         for param, original in saved:
             param.data = original
