@@ -208,15 +208,16 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
     # A trained model reads its massive channel weakly (Sun et al. 2024: it acts as a fixed
     # bias); random weights would not, and a projection reading the raw stream (OLMo 2's
     # q/k/v, gate/up) would then overflow float16 by itself, whatever the residual scale.
+    linear = {m for m, how in roles.readers.items() if how.startswith("linear")}
     with torch.no_grad():
-        for module, how in roles.readers.items():
-            weight = getattr(model.get_submodule(module), "weight", None)
-            if not (how.startswith("linear") and weight is not None and weight.dim() == 2):
-                continue
-            if weight.shape[1] == hidden:  # [out, in], as nn.Linear stores it
-                weight[:, CHANNEL] *= 2.0**-8
-            elif weight.shape[0] == hidden:  # [in, out], as GPT-2's Conv1D stores it
-                weight[CHANNEL] *= 2.0**-8
+        for name, (exponent, _) in roles.scales.items():
+            weight = params[name]
+            if exponent != -1 or name.rsplit(".", 1)[0] not in linear or weight.dim() not in (2, 3):
+                continue  # the weights a linear reader multiplies the stream by: [out, in] or stacked experts'
+            if weight.shape[-1] == hidden:  # [out, in], as nn.Linear stores it; [E, out, in]
+                weight[..., CHANNEL] *= 2.0**-8
+            elif weight.shape[-2] == hidden:  # [in, out], as GPT-2's Conv1D stores it; [E, in, out]
+                weight[..., CHANNEL, :] *= 2.0**-8
     for name, offset in reversed(rows):  # the last writers first: the MLP (or its post-norm)
         reached = _scale_row(model, layers[1], params[name], offset, ids)
         if reached > 65504:
