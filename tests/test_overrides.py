@@ -70,16 +70,30 @@ def test_a_users_entries_take_precedence_inside_the_block_only():
     assert find_decoder_layers(model)[1] is model.model.layers  # halfsafe's own entry again
 
 
-def test_a_value_the_stream_writes_and_another_op_reads_is_refused_and_the_gate_agrees():
-    """LongCat-Flash's identity expert adds the post-attention norm's output into the stream while
-    the other experts and the router read it: scaling it for the stream would change them. The
-    roles refuse, naming both; forced through, the gate fails too."""
+def test_a_value_the_stream_writes_and_linear_ops_read_is_compensated_at_those_ops():
+    """LongCat-Flash's identity experts add the post-attention norm's output into the stream, so
+    that norm's gain is a writer (x s); its other readers, the dense MLP's gate and up projections,
+    the router and the routed experts, are linear in it and get their weights x 1/s. Bit-exact;
+    without one of those compensations the gate fails."""
     model = tiny_model("longcat_flash")
     roles = derive_roles(model)
-    assert any("post_attention_layernorm" in r and "is also read by" in r for r in roles.refusals), roles.refusals
-    forced = copy.deepcopy(roles)
-    forced.refusals = []
-    assert not exactness_gate(model, forced, PROMPTS).passed
+    assert not roles.refused, roles.refusals
+    assert roles.scales["model.layers.0.post_attention_layernorm.0.weight"] == [1, 0.0]
+    for reader in ("mlps.0.gate_proj", "mlps.0.up_proj", "mlp.router"):
+        assert roles.readers[f"model.layers.0.{reader}"] == "linear: weight x 1/s"
+    assert roles.scales["model.layers.0.mlp.experts.gate_up_proj"] == [-1, 0.0]
+    gate = exactness_gate(model, roles, PROMPTS)
+    assert gate.passed and gate.equal, gate.describe()
+    assert not exactness_gate(model, roles.without("model.layers.0.mlps.0.gate_proj"), PROMPTS).passed
+
+
+def test_a_parameter_the_probe_never_reached_is_a_refusal_not_a_guess():
+    """With 256 identity experts beside 4 routed ones (LongCat-Flash's ratio at a tiny size) no
+    probe token reaches a routed expert: their stacked weights have no role the trace can show and
+    no analogue to follow, and the gate could not see them either."""
+    roles = derive_roles(tiny_model("longcat_flash", zero_expert_num=256))
+    assert any(r.startswith("model.layers.0.mlp.experts.gate_up_proj was never used by the probe") for r in
+               roles.refusals), roles.refusals
 
 
 def _reloaded_logits(model, roles, directory):

@@ -44,6 +44,8 @@ SIZES = {
     "n_shared_experts": 1, "moe_num_shared_experts": 1,
     "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "moe_top_k": 2, "moe_k": 2, "top_k": 2,
     "n_group": 1, "num_expert_group": 1, "topk_group": 1,
+    # LongCat-Flash's identity experts: 256 beside 4 routed ones would take every token
+    "zero_expert_num": 2,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
     # Qwen4-Exp's token indexer, unset by default though its default layers use it; one key head and

@@ -44,7 +44,7 @@ from .walking import (
     only_read_along,
     param_of,
     producer,
-    read_outside,
+    reads_outside,
     scalers,
 )
 
@@ -111,7 +111,7 @@ def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Rol
     _companions(model, trace, roles, require)
     _side_uses(trace, roles, needs, require)
     exponents = _settle(trace, roles, needs)
-    _follow_analogues(model, trace, exponents, offsets)
+    _follow_analogues(model, trace, exponents, offsets, roles, layers_path)
     roles.scales = {p: [e, offsets.get(p, 0.0)] for p, e in sorted(exponents.items()) if e}
     roles.pairs, roles.interior = _pairs(trace, roles.companions)
     return roles
@@ -162,12 +162,20 @@ def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
             module = s.param.rsplit(".", 1)[0]
             if module not in roles.writers:
                 roles.writers.append(module)
-    other = read_outside(trace, paths - {add for add, _ in trace.writes}, paths | trace.stream)
-    if other is not None:
-        value, reader = (trace.nodes[n] for n in other)
+    # A value on a writer's path read by a linear op as its input: the op's weight x 1/s keeps
+    # what it computes (MiniMax and LongCat-Flash add a norm's output into the stream and feed
+    # it to the MLP). Any other reader would see the scale: a refusal naming it.
+    for v, c, u in reads_outside(trace, paths - {add for add, _ in trace.writes}, paths | trace.stream):
+        value, reader = trace.nodes[v], trace.nodes[c]
+        weight = _linear_params(trace, reader, c) if reader.op in LINEAR and reader.op != "einsum" else None
+        if weight and reader.inputs[:1] == [u]:
+            require(weight[:1], -1, f"compensation for {reader.module}")
+            roles.readers.setdefault(reader.module, "linear: weight x 1/s")
+            continue
         roles.refusals.append(f"a value added into the residual stream ('{value.op}' in {value.module or 'the model'}) "
                               f"is also read by '{reader.op}' in {reader.module or 'the model'}: scaling it for the "
                               "stream would change that reader")
+        break
 
 
 def _readers(model: nn.Module, trace: Trace, roles: Roles, require, containers: set[str]) -> None:
@@ -301,9 +309,11 @@ def _settle(trace: Trace, roles: Roles, needs) -> dict[str, int]:
 _INDEX = re.compile(r"\.(\d+)\.")
 
 
-def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int], offsets: dict[str, float]) -> None:
+def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int], offsets: dict[str, float],
+                      roles: Roles, layers_path: str) -> None:
     """A parameter no op used (an expert no token was routed to) takes the scale its analogues
-    - the same name with one index changed - agree on."""
+    - the same name with one index changed - agree on. One in the layer stack with no analogue
+    to follow has an unknown role, which the gate cannot check either: a refusal naming it."""
     names = [n for n, _ in model.named_parameters()]
     known = {n: exponents.get(n, 0) for n in names if n in trace.used}
     for name in names:
@@ -318,6 +328,10 @@ def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int],
             if exponent:
                 exponents[name] = exponent
                 offsets[name] = offset
+        elif name.startswith(layers_path + ".") and dict(model.named_parameters())[name].is_floating_point():
+            roles.refusals.append(f"{name} was never used by the probe's forward pass and has no used analogue, so "
+                                  "its role is unknown (a mixture of experts whose routed experts no probe token "
+                                  "reached?)")
 
 
 def _pairs(trace: Trace, companions: list[str]) -> tuple[list[tuple[str, str]], dict[str, dict[str, int]]]:

@@ -99,19 +99,27 @@ def exclusive_scalers(trace: Trace, n: int, reader: str) -> list[Scaling]:
 def read_outside(trace: Trace, values: set[int], allowed: set[int]) -> tuple[int, int] | None:
     """(value, reader): the first read of one of `values` (or a view of it) by a node outside
     `allowed`, or None. `y.type_as(u)` reads only u's metadata and does not count."""
+    return next(((v, c) for v, c, _ in reads_outside(trace, values, allowed)), None)
+
+
+def reads_outside(trace: Trace, values: set[int], allowed: set[int]) -> list[tuple[int, int, int]]:
+    """(value, reader, what it read: the value or a view of it) for every read of `values` by a
+    node outside `allowed`."""
+    found = []
     for v in sorted(values):
-        frontier = [v]
+        frontier, seen = [v], set()
         while frontier:
             u = frontier.pop()
             for c in trace.consumers.get(u, []):
                 node = trace.nodes[c]
-                if c in allowed or (node.op in SHAPE and node.inputs[:1] != [u]):
+                if c in allowed or c in seen or (node.op in SHAPE and node.inputs[:1] != [u]):
                     continue
+                seen.add(c)
                 if node.op in SHAPE:
                     frontier.append(c)  # a view of the value: whoever reads it reads the value
                 else:
-                    return v, c
-    return None
+                    found.append((v, c, u))
+    return found
 
 
 def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None,
