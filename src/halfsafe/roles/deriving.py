@@ -329,9 +329,10 @@ def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int],
                 exponents[name] = exponent
                 offsets[name] = offset
         elif name.startswith(layers_path + ".") and dict(model.named_parameters())[name].is_floating_point():
+            why = ("a routed expert no probe token reached" if "expert" in name else
+                   "a branch a forward pass on token ids alone does not take")
             roles.refusals.append(f"{name} was never used by the probe's forward pass and has no used analogue, so "
-                                  "its role is unknown (a mixture of experts whose routed experts no probe token "
-                                  "reached?)")
+                                  f"its role is unknown ({why}?)")
 
 
 def _pairs(trace: Trace, companions: list[str]) -> tuple[list[tuple[str, str]], dict[str, dict[str, int]]]:
