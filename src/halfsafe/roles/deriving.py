@@ -142,8 +142,9 @@ def _start_scalings(trace: Trace, roles: Roles) -> list[tuple[list[Scaling], set
 def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
     """Walk every write back to its parameters. An addition inside a module that itself reads
     the stream (LayerNorm's `x - mean(x)`) is part of that reader, probed as a whole, not a write.
-    What a walk goes through gets scaled by s, so nothing else may read it: LongCat-Flash's
-    identity expert adds a reader norm's output into the stream while the other experts read it."""
+    What a walk goes through gets scaled by s, so anything else that reads it must be compensated
+    (below) or refused: LongCat-Flash's identity experts add a norm's output into the stream while
+    its dense MLP, router and routed experts read it."""
     sources = [(add, operand, False) for add, operand in trace.writes if trace.nodes[add].module not in reading]
     sources += [(None, node, True) for node, _ in trace.starts]  # none after the second run, unless a later layer
     paths: set[int] = {add for add, _ in trace.writes}
@@ -163,8 +164,7 @@ def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
             if module not in roles.writers:
                 roles.writers.append(module)
     # A value on a writer's path read by a linear op as its input: the op's weight x 1/s keeps
-    # what it computes (MiniMax and LongCat-Flash add a norm's output into the stream and feed
-    # it to the MLP). Any other reader would see the scale: a refusal naming it.
+    # what it computes. Any other reader would see the scale: a refusal naming it.
     for v, c, u in reads_outside(trace, paths - {add for add, _ in trace.writes}, paths | trace.stream):
         value, reader = trace.nodes[v], trace.nodes[c]
         weight = _linear_params(trace, reader, c) if reader.op in LINEAR and reader.op != "einsum" else None
@@ -314,7 +314,8 @@ def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int],
     """A parameter no op used (an expert no token was routed to) takes the scale its analogues
     - the same name with one index changed - agree on. One in the layer stack with no analogue
     to follow has an unknown role, which the gate cannot check either: a refusal naming it."""
-    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    names = list(params)
     known = {n: exponents.get(n, 0) for n in names if n in trace.used}
     for name in names:
         if name in trace.used:
@@ -328,11 +329,10 @@ def _follow_analogues(model: nn.Module, trace: Trace, exponents: dict[str, int],
             if exponent:
                 exponents[name] = exponent
                 offsets[name] = offset
-        elif name.startswith(layers_path + ".") and dict(model.named_parameters())[name].is_floating_point():
-            why = ("a routed expert no probe token reached" if "expert" in name else
-                   "a branch a forward pass on token ids alone does not take")
+        elif name.startswith(layers_path + ".") and params[name].is_floating_point():
             roles.refusals.append(f"{name} was never used by the probe's forward pass and has no used analogue, so "
-                                  f"its role is unknown ({why}?)")
+                                  "its role is unknown (a routed expert no probe token reached, or a branch a forward "
+                                  "pass on token ids alone does not take)")
 
 
 def _pairs(trace: Trace, companions: list[str]) -> tuple[list[tuple[str, str]], dict[str, dict[str, int]]]:
