@@ -1,6 +1,5 @@
 """The real gemma-3-270m base model (from PyPI): the failure the project exists for."""
 
-import os
 
 import pytest
 import torch
@@ -24,12 +23,11 @@ def test_demo_float16_is_unsafe_with_a_residual_of_order_1e5(demo_diagnosis):
 def test_demo_bfloat16_is_finite_and_agrees_with_fp32(demo_diagnosis, demo_fixed):
     bf16 = demo_diagnosis.verdicts[1]
     assert bf16.dtype == "bfloat16" and bf16.status == "safe" and bf16.all_finite
-    # Greedy on prompt 0, 16 tokens: bf16 equals fp32 for 7 characters on a 2-core AMD EPYC
-    # ('就是这个地方的', then '“小吃”' for '居民楼'), for all 20 on a 2-core Intel Xeon: at least 4.
-    shared = os.path.commonprefix([bf16.continuation, demo_diagnosis.reference_continuation])
-    assert len(shared) >= 4, (bf16.continuation, demo_diagnosis.reference_continuation)
-    # Per position on the 48 held-out prompts: top-1 97.73% (AMD EPYC; 96.64% on the Intel Xeon's
-    # 16 prompts), KL 8.55e-4 (7.9e-4): at least 90%, and KL below 1e-2.
+    assert "<pad>" not in bf16.continuation  # one prompt's greedy text: finite, no token 0; how long
+    # it follows fp32 is rounding (7 characters on a 2-core AMD EPYC, 20 on a 2-core Intel Xeon)
+    # Per position on the 48 held-out prompts (705 positions): top-1 97.73% and KL 8.55e-4 on the
+    # 2-core AMD EPYC, KL 8.28e-4 on the 2-core Intel Xeon: at least 90% (49 positions of margin)
+    # and KL below 1e-2 (12x).
     fidelity = demo_fixed[1].fidelity["bfloat16"]
     assert fidelity.nonfinite_share == 0 and fidelity.top1 >= 0.9 and fidelity.kl_mean < 1e-2, fidelity
 
@@ -55,16 +53,16 @@ def test_demo_fixed_float16_meets_the_acceptance_numbers(demo_fixed):
     assert report.plan.residual_scale == 2**-3  # 103,795 -> 12,974, 4x below 65,504
     assert next(model.parameters()).dtype == torch.float16
     assert fixed.nonfinite_share == 0
-    assert 1e-4 < bf16.kl_mean < 1e-2  # bf16: 8.55e-4 (AMD, 48 prompts), 7.9e-4 (Intel, 16)
-    # Measured: 51.5x (2-core AMD EPYC, 48 held-out prompts), 54x (2-core Intel Xeon, the older 16):
-    # 20x leaves a 2.6x margin.
+    # bf16 KL on the 48 held-out prompts: 8.55e-4 (2-core AMD EPYC), 8.28e-4 (2-core Intel Xeon).
+    assert 1e-4 < bf16.kl_mean < 1e-2
+    # fixed / bf16 KL: 1/51.5 (AMD EPYC, 1.66e-5) and 1/49 (Intel Xeon, 1.68e-5): 1/20 leaves 2.4x.
     assert fixed.kl_mean <= bf16.kl_mean / 20
-    # CPUs round half precision differently: top-1 99.86% (1 of 705 positions) on the AMD EPYC
-    # with 48 prompts, 99.58% (1 of 238) on the Intel Xeon with 16. 99% allows 7 of 705.
+    # CPUs round half precision differently: top-1 99.86% (1 of 705 positions off) on the AMD EPYC,
+    # 100.00% on the Intel Xeon. 99% allows 7 of 705.
     assert fixed.top1 >= max(0.99, bf16.top1), (fixed, bf16)
     # Greedy, 32 tokens, 48 prompts: 44/48 identical on the AMD EPYC (91.7%; 46/48 at scales 2^-2
-    # and 2^-4), 15/16 on the Intel Xeon. The goal is 90%; a bound of 85% (41/48) keeps three
-    # prompts of margin below the lowest measurement, so one near-tie cannot fail the suite.
+    # and 2^-4), 46/48 on the Intel Xeon (96%). The goal is 90%; a bound of 85% (41/48) keeps three
+    # prompts of margin below the lower measurement, so one near-tie cannot fail the suite.
     assert fixed.new_tokens == 32 and fixed.greedy_identical >= 0.85, fixed
 
 
@@ -130,21 +128,60 @@ def demo_fp16():
     return load_model("demo", dtype=torch.float16)
 
 
-@pytest.mark.parametrize("prompt", ["上海有个非常出名的地方，", "The capital of France is"])
-def test_guarded_float16_greedy_equals_fp32_for_32_tokens(demo, demo_fp16, prompt):
-    from halfsafe.guarding import NONFINITE, guard
+@pytest.fixture(scope="module")
+def demo_widened(demo_fp16):
+    """The float16-stored demo weights widened to fp32: what an fp32 recovery computes with."""
+    from halfsafe.model.loading import load_model
 
-    batch = demo.tokenizer(prompt, return_tensors="pt")
-    settings = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, top_p=None, top_k=None,
-                    pad_token_id=demo.tokenizer.pad_token_id)
-    with torch.inference_mode():
-        reference = demo.model.generate(**batch, **settings)
-        guarded = guard(demo_fp16.model)
-        out = guarded.generate(**batch, **settings)
-    assert torch.equal(out, reference)
-    events = guarded.report.of_kind(NONFINITE)
+    return load_model("demo", dtype=torch.float16).model.to(torch.float32)
+
+
+@pytest.mark.parametrize("prompt", ["上海有个非常出名的地方，", "The capital of France is"])
+def test_guarded_float16_recovers_step_0_with_fp32s_logits_and_cache(demo_fp16, demo_widened, prompt):
+    """What the guard guarantees on every CPU (tests/test_guarding.py's helper): step 0's logits and
+    KV entries are fp32's, every later step finite, no token 0. Its later float16 steps are not
+    fp32's by construction: on a 2-core Intel Xeon "The capital of France is" left fp32's 32 tokens
+    at a near-tie after 24 of them, on a 2-core AMD EPYC it kept all 32."""
+    from halfsafe.guarding import NONFINITE
+
+    from .test_guarding import assert_recovered_step_is_fp32s
+
+    batch = demo_fp16.tokenizer(prompt, return_tensors="pt")
+    settings = dict(do_sample=False, top_p=None, top_k=None, pad_token_id=demo_fp16.tokenizer.pad_token_id)
+    _, report = assert_recovered_step_is_fp32s(demo_fp16.model, demo_widened, batch, 32, **settings)
+    events = report.of_kind(NONFINITE)
     assert events and events[0].step == 0 and events[0].module.startswith("model.layers.")
-    assert guarded.report.recovered_steps == [e.step for e in events]  # every broken step recovered
+    assert report.recovered_steps == [e.step for e in events]  # every broken step recovered
+
+
+def test_guarded_float16_greedy_follows_fp32_on_most_heldout_prompts(demo, demo_fp16):
+    """The README's guarded claim as a share: the unfixed demo in float16, guarded, greedy for 32
+    tokens on the 48 held-out prompts (one left-padded batch), against fp32's own greedy tokens."""
+    from halfsafe.fixing.verify import greedy_tokens, match_lengths
+    from halfsafe.guarding import guard
+    from halfsafe.prompts import HELDOUT, bundled_prompts
+
+    prompts, tokenizer = bundled_prompts(HELDOUT), demo.tokenizer
+    reference = greedy_tokens(demo.model, tokenizer, prompts, 32)  # [48, 32]
+    tokenizer.padding_side, side = "left", tokenizer.padding_side
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    guarded = guard(demo_fp16.model)
+    with torch.inference_mode():
+        out = guarded.generate(**batch, max_new_tokens=32, min_new_tokens=32, do_sample=False, top_p=None,
+                               top_k=None, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    assert guarded.report.recovered_steps[:1] == [0] and not (new == 0).any()
+    lengths = match_lengths(reference, new)
+    identical = float((lengths == 32).float().mean())
+    # Measured on a 2-core AMD EPYC: 46/48 identical (95.8%), 31.1 tokens equal on average (one prompt
+    # left fp32 at its second token, one at its 22nd). Not yet measured over these prompts on an Intel
+    # Xeon, where "The capital of France is" (not among them) left fp32 after 24 tokens; there the
+    # fixed model's share was the higher (96% against 92%). 85% (41/48) leaves five prompts of
+    # margin, 27 tokens four tokens (five prompts leaving fp32 at their second token).
+    assert identical >= 0.85 and float(lengths.float().mean()) >= 27, lengths.tolist()
 
 
 def test_guarded_float16_sampling_completes_without_a_token0_flood(demo_fp16):
