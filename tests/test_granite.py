@@ -54,8 +54,9 @@ def test_a_planted_granite_passes_the_gate_on_the_bundled_prompts(multipliers):
     _, report = fix(model, TOKENIZER)  # the bundled calibration (37) and held-out (48) prompts
     fixed, bf16 = report.fixed, report.fidelity["bfloat16"]
     assert report.plan.residual_scale < 1 and fixed.nonfinite_share == 0
-    # Measured on seeds 0-5, fixed/bf16 mean KL: 1/59 to 1/69 with multipliers 1, 1/55 to 1/61 with
-    # granite-3's (logits_scaling lowers both KLs ~100x, not their ratio); 1/20 leaves ~3x.
+    # Measured on seeds 0-5 on a 2-core AMD EPYC, fixed/bf16 mean KL: 1/59 to 1/69 with multipliers 1,
+    # 1/55 to 1/61 with granite-3's (logits_scaling lowers both KLs ~100x, not their ratio); 1/20
+    # leaves ~3x. Not measured on an Intel Xeon; on the demo the ratio moved 52x -> 49x between the two.
     assert fixed.kl_mean < bf16.kl_mean / 20
     # No position decides the mean: max/mean KL measured 2.0 to 2.8 (the coverage plant: 1,150).
     assert fixed.kl_max < 10 * fixed.kl_mean
