@@ -230,6 +230,28 @@ def test_fix_layerwise_bad_inputs(tiny_dirs, tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
 
 
+def test_fix_layerwise_refuses_a_disk_without_room_for_the_output(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from halfsafe.layerwise import jobs
+
+    (tmp_path / "p.txt").write_text("The capital of France is\n", encoding="utf-8")
+    lm = LayerwiseModel(tiny_dirs["llama", "residual"])
+    size = sum(lm.unit_bytes(u) for u in ["outside the layers", *range(lm.num_layers)]) // 2  # float16
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(jobs.shutil, "disk_usage", lambda path: usage._replace(free=size - 1))
+    assert _fix_cli(tiny_dirs, tmp_path, "--layerwise", "--device", "cpu") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "needs" in lines[0] and "free for the float16 checkpoint" in lines[0], lines
+    assert "free some space or choose --out on another disk" in lines[0]
+    assert not (tmp_path / "out").exists() and not work_dir_for(tmp_path / "out").exists()
+    # The shards a resumable run already wrote count as done: with them there, the same free space is enough.
+    shards = work_dir_for(tmp_path / "out") / "checkpoint"
+    shards.mkdir(parents=True)
+    (shards / "model-00001-of-00002.safetensors").write_bytes(b"0" * 64)
+    jobs.check_free_disk(lm, (tmp_path / "out").resolve(), torch.float16)
+
+
 def test_device_map_loads_the_in_memory_path(tiny_dirs, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("The capital of France is\n", encoding="utf-8")
     code = main(["diagnose", str(tiny_dirs["llama", "residual"]), "--prompts", str(tmp_path / "p.txt"),

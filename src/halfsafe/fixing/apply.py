@@ -60,9 +60,12 @@ def scaled_tensor(name: str, tensor: torch.Tensor, entry: _Scale | None, dtype: 
     if entry is None or entry.factor == 1.0:
         return tensor.to(dtype)
     new = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
+    finite = True
     for source, target in zip(tensor.split(_ROWS), new.split(_ROWS), strict=True):
         target.copy_((source.to(torch.float64) + entry.offset) * entry.factor - entry.offset)
-    if not bool(torch.isfinite(new).all()):
+        # Per slice: on a 1 B-element embedding the whole-tensor check allocates GBs of temporaries.
+        finite = finite and bool(torch.isfinite(target).all())
+    if not finite:
         raise HalfsafeError(
             f"scaling {name} by {entry.factor:g} gives non-finite {dtype} values; "
             "lower --margin or use --strategy keep-fp32"

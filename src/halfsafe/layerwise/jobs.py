@@ -149,6 +149,7 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
 
     dtype = parse_dtype(dtype)
     out = check_export_target(out, overwrite=overwrite, source=lm.path)
+    check_free_disk(lm, out, dtype)
     calibration = calibration or bundled_prompts(CALIBRATION)
     heldout = heldout or bundled_prompts(HELDOUT)
     work = _open_work_dir(out, {
@@ -163,6 +164,21 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
     except VerificationFailed:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def check_free_disk(lm: LayerwiseModel, out: Path, dtype: torch.dtype) -> None:
+    """Refuse, before any work, an `out` whose disk cannot take the fixed checkpoint: every
+    parameter in `dtype`, less the shards a resumable run already wrote beside it (kept when it
+    resumes, removed when it starts over: either way that much less is needed)."""
+    size = sum(lm.unit_bytes(unit) for unit in [OUTER, *range(lm.num_layers)]) // 4 * (torch.finfo(dtype).bits // 8)
+    written = work_dir_for(out) / "checkpoint"
+    done = sum(f.stat().st_size for f in written.glob("*.safetensors")) if written.is_dir() else 0
+    need, free = max(0, size - done), shutil.disk_usage(out.parent).free
+    if need > free:
+        raise HalfsafeError(
+            f"--out '{out}' needs {format_bytes(need)} free for the {dtype_name(dtype)} checkpoint, and its disk has "
+            f"{format_bytes(free)}; free some space or choose --out on another disk"
+        )
 
 
 def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
