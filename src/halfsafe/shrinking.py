@@ -87,6 +87,9 @@ UNSET_FIELDS = {
 # attention block, tied from the first hybrid layer into the others: with a single hybrid layer
 # the tie finds no target and transformers refuses, so three layers (Mamba, hybrid, hybrid).
 MIN_DEPTH = {"ZambaConfig": 3}
+# Values a class's own validation (run when its config is saved) demands, which SIZES' generic
+# choice breaks: ZAYA's router takes one expert per token only.
+REQUIRED_FIELDS = {"ZayaConfig": {"num_experts_per_tok": 1}}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "image_token_id", "image_token_index", "video_token_id", "boi_token_id", "eoi_token_id")
 
@@ -130,6 +133,8 @@ def shrink_config(config, depth: int = LAYERS):
                 if isinstance(current, list) and name == "mlp_only_layers":
                     value = []
                 setattr(config, name, depth if name in LAYER_COUNTS else value)
+    for name, value in REQUIRED_FIELDS.get(type(config).__name__, {}).items():
+        setattr(config, name, value)
     for name, value in list(vars(config).items()):
         if isinstance(value, list) and original and len(value) == original["depth"] and len(value) > depth:
             setattr(config, name, _cut(value, depth))
