@@ -147,6 +147,16 @@ def test_a_bounded_export_needs_its_verification(granite):
     assert getattr(model.config, "halfsafe", None) is None
 
 
+def test_a_fix_not_meant_for_export_says_its_checkpoint_would_not_be_exact(granite):
+    """In memory the roles are exact; a checkpoint written from it anyway is not, and says so: the
+    vLLM plugin then refuses it (only `fix --out` measures and bounds it)."""
+    fixed, report = fix(copy.deepcopy(granite), TOKENIZER, verify=False, **SHORT)
+    assert report.exactness["equal"] and report.exactness["exact"] is False and "bounded" not in report.exactness
+    verified = {**report.to_json(), "verification": {"max_kl": 1e-3, "fixed": {"nonfinite_share": 0, "kl_mean": 0}}}
+    assert verified_for_float16({"halfsafe": {**verified, "exactness": {"exact": True}}})
+    assert not verified_for_float16({"halfsafe": verified})  # its own exactness block: not exact, not bounded
+
+
 def test_the_cli_says_bounded_in_one_line_and_the_card_says_by_how_much(granite, tmp_path, capsys):
     from halfsafe.cli import main
 

@@ -87,7 +87,6 @@ def describe_bounded(exactness: dict | None) -> str | None:
             f"max |delta logit| {block['max_delta']:.1e} on the calibration prompts")
     if block.get("heldout_kl_mean") is not None:
         line += (f"; held-out mean KL {block['heldout_kl_mean']:.1e} (float16 rounding's "
-                 f"{block['float16_kl_mean']:.1e}, bound "
-                 f"{block['kl_share_bound']:g}x), max |delta logit| {block['heldout_max_delta']:.1e} (float16's "
-                 f"{block['float16_max_delta']:.1e})")
+                 f"{block['float16_kl_mean']:.1e}, bound {block['kl_share_bound']:g}x), max |delta logit| "
+                 f"{block['heldout_max_delta']:.1e} (float16 rounding's {block['float16_max_delta']:.1e})")
     return line

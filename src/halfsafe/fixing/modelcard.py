@@ -117,8 +117,12 @@ def _exactness_lines(block: dict) -> list[str]:
     proof = (f"max |delta logit| {exactness['max_delta']:.1e}"
              f"{' (bit-identical)' if exactness.get('equal') else ''} on {exactness.get('prompts')} prompt(s)")
     bounded = exactness.get("bounded")
-    if exactness.get("exact", True) or not isinstance(bounded, dict):
+    if exactness.get("exact", True):
         return [f"exact: true. The rescaled weights, run in float32, reproduce the original's float32 logits: {proof}."]
+    if not isinstance(bounded, dict):
+        return [f"exact: false. The rescaling is exact in memory ({proof}), but a checkpoint cannot store every eps "
+                "it needs, and this one was written without `halfsafe fix --out`'s bounded measurement: its distance "
+                "from the original is unknown. Write it with `halfsafe fix MODEL --out DIR`."]
     stored = ", ".join(bounded.get("scaled_fields") or []) or "no config field"
     kept, unstored = bounded.get("kept_norms") or [], bounded.get("unstored_eps") or []
     lines = [
@@ -145,7 +149,7 @@ def _exactness_lines(block: dict) -> list[str]:
            if bounded.get("heldout_kl_mean") is not None else ""),
         "- both ways of storing each shared field were measured; the one closer to the original was written:",
         "",
-        "| eps x s^2 stored in | max abs delta logit (fp32) | mean KL (fp32) |",
+        "| eps x s^2 stored in | max abs delta logit (fp32, calibration prompts) | mean KL (fp32) |",
         "|---|---|---|",
     ]
     lines += [f"| {', '.join(c['scaled_fields']) or '(none)'} | {c['max_delta']:.2e} | {c['kl_mean']:.2e} |"

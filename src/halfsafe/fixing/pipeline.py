@@ -184,7 +184,9 @@ def run(backend: Backend, *, dtype: torch.dtype, strategy: str, margin: float, c
                        verification_prompts=len(heldout) if verify else 0)
     if proof is not None:
         report.exactness = {"max_delta": proof.max_delta, "relative": proof.relative, "equal": proof.equal,
-                            "prompts": min(GATE_PROMPTS, len(calibration)), "exact": fix.export is None}
+                            "prompts": min(GATE_PROMPTS, len(calibration)),
+                            # as a checkpoint: roles exact in memory only are not, unless nothing moves (s = 1)
+                            "exact": not (fix.roles.export_blockers and fix.plan.residual_scale != 1.0)}
         if fix.export is not None:
             report.exactness["bounded"] = bounded_summary(fix.export)
         report.roles = fix.roles
