@@ -149,6 +149,7 @@ def shrink_config(config, depth: int = LAYERS):
     if "qk_rope_head_dim" in fields and "head_dim" in fields:
         config.head_dim = config.qk_rope_head_dim  # multi-head latent attention: rotary tables span the rope part
     _derive_again(config)
+    _trim_per_layer_config(config, depth)
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int):
         for field in TOKEN_FIELDS:
@@ -156,6 +157,20 @@ def shrink_config(config, depth: int = LAYERS):
             if isinstance(token, int) and token >= vocab:
                 setattr(config, field, min(2 + TOKEN_FIELDS.index(field), vocab - 1))
     return config
+
+
+def _trim_per_layer_config(config, depth: int) -> None:
+    """A heterogeneous config (Gemma 4, Dots3's per-layer overrides) keeps the overrides its class
+    computed for the full depth (Gemma 4: keys 5, 11, ... 29), which name no layer of the shrunk
+    model and make the class refuse to save it; set again from the overrides of the layers kept."""
+    if not getattr(config, "is_heterogeneous", False):
+        return
+    try:
+        from transformers.integrations.heterogeneity.configuration_utils import _get_explicit_per_layer_overrides
+    except ImportError:  # another transformers: leave it as built
+        return
+    overrides = _get_explicit_per_layer_overrides(config)
+    config.per_layer_config = {k: v for k, v in overrides.items() if k < depth} or None
 
 
 def _derive_again(config) -> None:
