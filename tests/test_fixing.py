@@ -131,17 +131,18 @@ def test_an_architecture_outside_the_hand_written_reference_is_rescaled_through_
     assert report.fixed.kl_mean <= report.fidelity["bfloat16"].kl_mean
 
 
-def test_roles_exact_only_in_memory_refuse_an_export_before_any_work():
+def test_roles_exact_only_in_memory_refuse_an_exact_only_export_before_any_work():
     """Qwen3-Next's gated-delta-net norm shares the config's eps but cannot carry it in a
-    checkpoint: `fix` for export refuses it up front; in memory it stays allowed."""
+    checkpoint: `fix` for an exact-only export refuses it up front (a bounded export is
+    tests/test_bounded.py's); in memory it stays allowed."""
     from halfsafe.errors import HalfsafeError
     from halfsafe.shrinking import tiny_model
     from halfsafe.testing import VOCAB
 
     model = tiny_model("qwen3_next", vocab_size=VOCAB)
-    refusal = r"exactly in memory but not as a checkpoint: .*linear_attn\.norm.*load_fixed"
+    refusal = r"exactly in memory but not as a checkpoint: .*linear_attn\.norm.*drop --exact-only.*load_fixed"
     with pytest.raises(HalfsafeError, match=refusal):
-        fix(model, TOKENIZER, for_export=True, **SHORT)
+        fix(model, TOKENIZER, for_export=True, exact_only=True, **SHORT)
     assert getattr(model.config, "halfsafe", None) is None
 
 

@@ -87,6 +87,9 @@ UNSET_FIELDS = {
 # attention block, tied from the first hybrid layer into the others: with a single hybrid layer
 # the tie finds no target and transformers refuses, so three layers (Mamba, hybrid, hybrid).
 MIN_DEPTH = {"ZambaConfig": 3}
+# Values a class's own validation (run when its config is saved) demands, which SIZES' generic
+# choice breaks: ZAYA's router takes one expert per token only.
+REQUIRED_FIELDS = {"ZayaConfig": {"num_experts_per_tok": 1}}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "image_token_id", "image_token_index", "video_token_id", "boi_token_id", "eoi_token_id")
 
@@ -130,6 +133,8 @@ def shrink_config(config, depth: int = LAYERS):
                 if isinstance(current, list) and name == "mlp_only_layers":
                     value = []
                 setattr(config, name, depth if name in LAYER_COUNTS else value)
+    for name, value in REQUIRED_FIELDS.get(type(config).__name__, {}).items():
+        setattr(config, name, value)
     for name, value in list(vars(config).items()):
         if isinstance(value, list) and original and len(value) == original["depth"] and len(value) > depth:
             setattr(config, name, _cut(value, depth))
@@ -144,6 +149,7 @@ def shrink_config(config, depth: int = LAYERS):
     if "qk_rope_head_dim" in fields and "head_dim" in fields:
         config.head_dim = config.qk_rope_head_dim  # multi-head latent attention: rotary tables span the rope part
     _derive_again(config)
+    _trim_per_layer_config(config, depth)
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int):
         for field in TOKEN_FIELDS:
@@ -151,6 +157,20 @@ def shrink_config(config, depth: int = LAYERS):
             if isinstance(token, int) and token >= vocab:
                 setattr(config, field, min(2 + TOKEN_FIELDS.index(field), vocab - 1))
     return config
+
+
+def _trim_per_layer_config(config, depth: int) -> None:
+    """A heterogeneous config (Gemma 4, Dots3's per-layer overrides) keeps the overrides its class
+    computed for the full depth (Gemma 4: keys 5, 11, ... 29), which name no layer of the shrunk
+    model and make the class refuse to save it; set again from the overrides of the layers kept."""
+    if not getattr(config, "is_heterogeneous", False):
+        return
+    try:
+        from transformers.integrations.heterogeneity.configuration_utils import _get_explicit_per_layer_overrides
+    except ImportError:  # another transformers: leave it as built
+        return
+    overrides = _get_explicit_per_layer_overrides(config)
+    config.per_layer_config = {k: v for k, v in overrides.items() if k < depth} or None
 
 
 def _derive_again(config) -> None:

@@ -132,7 +132,8 @@ def run_fix(args) -> int:
     loaded = _load(args, console)
     model, report = fix_with_progress(loaded, console, dtype=dtype, strategy=args.strategy, margin=args.margin,
                                       calibration=calibration, heldout=heldout, max_kl=args.max_kl,
-                                      verify=not args.no_verify, for_export=bool(args.out))
+                                      verify=not args.no_verify, for_export=bool(args.out),
+                                      exact_only=args.exact_only)
     render_fix(report, console)
     if args.out:
         out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)

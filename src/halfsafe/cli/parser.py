@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="verification prompts (default: the bundled held-out set); one longer than the model's "
                      "positions, less the 32 tokens generated after it, is truncated, with a notice")
     fix.add_argument("--max-kl", type=float, help="gate on this mean KL instead of bfloat16's")
+    fix.add_argument("--exact-only", action="store_true",
+                     help="refuse to export a model whose checkpoint cannot be bit-exact in fp32 (by default such "
+                          "a model is exported bounded: one eps per config field, its fp32 delta measured, bounded "
+                          "and recorded as exact: false)")
     fix.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     fix.add_argument("--plan-json", metavar="PATH", help="also write the plan and verification numbers as JSON")
     fix.add_argument("--no-verify", action="store_true",

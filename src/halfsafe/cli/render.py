@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..diagnosing import Diagnosis
+from ..fixing.bounded import describe_bounded
 from ..fixing.observe import ATTN_LOGITS
 
 RISKIEST = 10
@@ -113,6 +114,9 @@ def _sci(value: float) -> str:
 def render_fix(report, console: Console) -> None:
     if report.roles is not None:
         console.print(describe_roles(report.roles.summary(), report.exactness), markup=False, highlight=False)
+    bounded = describe_bounded(report.exactness)
+    if bounded:
+        console.print(bounded, markup=False, highlight=False)
     console.print(f"plan ({report.strategy}): {report.plan.describe()}", markup=False, highlight=False)
     if report.speed_ratio is not None:
         console.print(f"speed: {report.speed_ratio:.2f}x the forward throughput of the all-{report.plan.dtype} model",

@@ -16,6 +16,7 @@ from ..prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_length
 from ..roles import derive_roles, exactness_gate, output_exponents
 from ..timing import now
 from .apply import put_weights, scaled_weights, use_fix
+from .bounded import AS_EXPORTED, ROUNDING
 from .gate import BF16_TARGET_SLACK, FixReport, VerificationFailed, gate  # noqa: F401 (public here)
 from .keep_fp32 import KeepPlan, apply_keep_fp32, use_keep_fp32
 from .observe import SiteStat, encode, observe
@@ -42,6 +43,21 @@ class InMemory:
     def prove(self, roles, prompts: list[str]):
         return exactness_gate(self.model, roles, [self._ids(p) for p in prompts])
 
+    def reload_gate(self, fix: Rescaling, prompts: list[str], dtype: torch.dtype):
+        """The model as a bounded export will reload it, in fp32, both ways of storing each
+        conflicting eps field (`roles.bounded.reload_gate`); the exact fix is run in `dtype` on
+        the same prompts too: float16's rounding error, for the bound (`bounded.check_bounded`)."""
+        from ..roles.bounded import distance, reload_gate
+
+        ids = [self._ids(p) for p in prompts]
+        result = reload_gate(self.model, fix.roles, ids, fix.plan.residual_scale, fix.plan.mlp_scales)
+        with torch.no_grad():
+            reference = [self.model(input_ids=i, use_cache=False).logits.float() for i in ids]
+            with self.variant(Rescaling(fix.roles, fix.plan), dtype)() as running:  # exact, in memory
+                test = [running(input_ids=i, use_cache=False).logits.float() for i in ids]
+        result.target = distance(result.scaled_fields, reference, test)
+        return result
+
     def site_roles(self, roles, prompt: str):
         return roles.site_roles(output_exponents(self.model, roles, self._ids(prompt)))
 
@@ -59,6 +75,9 @@ class InMemory:
         """Greedy decoding is compared for the fixed model only (bfloat16's is `compare`'s business)."""
         variants = {"fixed": self.variant(fix, dtype),
                     "bfloat16": lambda: cast_temporarily(self.model, torch.bfloat16)}
+        if isinstance(fix, Rescaling) and fix.export is not None:  # a bounded export: its fp32 error, and
+            variants[AS_EXPORTED] = self.variant(fix, torch.float32)  # float16's rounding error (exact fix)
+            variants[ROUNDING] = self.variant(Rescaling(fix.roles, fix.plan), dtype)
         return measure_fidelity(self.model, self.tokenizer, prompts, variants, new_tokens=VERIFY_TOKENS,
                                 greedy=("fixed",), progress=progress)
 
@@ -86,6 +105,7 @@ def fix(
     verify: bool = True,
     observation: list[SiteStat] | None = None,
     for_export: bool = False,
+    exact_only: bool = False,
     progress=None,
 ) -> tuple[nn.Module, FixReport]:
     """Make `model` (fp32, changed in place) run in `dtype` without overflow.
@@ -102,7 +122,9 @@ def fix(
 
     `observation`: the sites of an fp32 observation already made on the calibration prompts
     (e.g. `diagnose(...).sites`), to skip observing again. `for_export`: the fix will be
-    written as a checkpoint, so roles that are exact in memory only are refused.
+    written as a checkpoint, so roles that are exact in memory only are exported bounded: each eps
+    as its config field will reload it, the fp32 distance measured and bounded (`bounded`), and
+    `report.exactness['exact']` False; `exact_only` refuses them instead.
     """
     dtype = parse_dtype(dtype)
     check_strategy(strategy)
@@ -114,7 +136,8 @@ def fix(
     check_prompt_lengths(model, tokenizer, heldout, reserve=VERIFY_TOKENS if verify else 0, what="held-out prompt")
     backend = InMemory(model, tokenizer)
     report = run(backend, dtype=dtype, strategy=strategy, margin=margin, calibration=calibration, heldout=heldout,
-                 max_kl=max_kl, verify=verify, sites=observation, for_export=for_export, progress=progress)
+                 max_kl=max_kl, verify=verify, sites=observation, for_export=for_export,
+                 exact_only=exact_only, progress=progress)
     return model, report
 
 

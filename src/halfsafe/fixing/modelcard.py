@@ -58,6 +58,10 @@ def model_card(config: dict, *, base_model: str | None = None, carried: dict | N
         "",
         *_plan_lines(block),
         "",
+        "## Exactness",
+        "",
+        *_exactness_lines(block),
+        "",
         "## Verification against float32",
         "",
         *_verification_lines(block),
@@ -103,6 +107,53 @@ def _plan_lines(block: dict) -> list[str]:
         lines.append(f"- largest activation in float32: {plan['max_before']:,.0f} at {plan.get('site_before')}; "
                      f"after the fix: {plan.get('max_after', 0):,.0f} at {plan.get('site_after')}")
     lines.append(f"- calibration prompts: {block.get('calibration_prompts')}")
+    return lines
+
+
+def _exactness_lines(block: dict) -> list[str]:
+    exactness = block.get("exactness")
+    if not isinstance(exactness, dict):
+        return ["Not proven exact (this strategy keeps layers in float32 instead of rescaling)."]
+    proof = (f"max |delta logit| {exactness['max_delta']:.1e}"
+             f"{' (bit-identical)' if exactness.get('equal') else ''} on {exactness.get('prompts')} prompt(s)")
+    bounded = exactness.get("bounded")
+    if exactness.get("exact", True):
+        return [f"exact: true. The rescaled weights, run in float32, reproduce the original's float32 logits: {proof}."]
+    if not isinstance(bounded, dict):
+        return [f"exact: false. The rescaling is exact in memory ({proof}), but a checkpoint cannot store every eps "
+                "it needs, and this one was written without `halfsafe fix --out`'s bounded measurement: its distance "
+                "from the original is unknown. Write it with `halfsafe fix MODEL --out DIR`."]
+    stored = ", ".join(bounded.get("scaled_fields") or []) or "no config field"
+    kept, unstored = bounded.get("kept_norms") or [], bounded.get("unstored_eps") or []
+    lines = [
+        f"exact: false (bounded). The rescaling is exact in memory ({proof}), but this checkpoint stores one eps "
+        "per config field, so as reloaded it differs from the original by a change of eps on one side:",
+        "",
+        f"- eps x s^2 (s = {bounded['s']:g}) is stored in: {stored}",
+    ]
+    if kept:
+        side = ("see eps x s^2 instead of eps" if bounded.get("scaled_fields")
+                else "keep eps; the stream's readers see it unscaled")
+        lines.append(f"- {len(kept)} norm(s) built from that field whose input does not move with the stream {side}: "
+                     f"{', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}")
+    if unstored:
+        lines.append(f"- {len(unstored)} eps no config field holds reload at their class default (unscaled): "
+                     f"{', '.join(unstored[:3])}{' ...' if len(unstored) > 3 else ''}")
+    lines += [
+        f"- measured in float32, this checkpoint against the original: max |delta logit| {bounded['max_delta']:.2e} "
+        f"({bounded['relative']:.1e} of the largest logit) on the calibration prompts"
+        + (f"; on the held-out prompts mean KL {bounded['heldout_kl_mean']:.2e} and max |delta logit| "
+           f"{bounded['heldout_max_delta']:.2e}, against float16's own rounding error (the exact fix in float16) "
+           f"{bounded['float16_kl_mean']:.2e} and {bounded['float16_max_delta']:.2e} (bounds: "
+           f"{bounded['kl_share_bound']:g}x its KL, {bounded['max_share_bound']:g}x its max)"
+           if bounded.get("heldout_kl_mean") is not None else ""),
+        "- both ways of storing each shared field were measured; the one closer to the original was written:",
+        "",
+        "| eps x s^2 stored in | max abs delta logit (fp32, calibration prompts) | mean KL (fp32) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {', '.join(c['scaled_fields']) or '(none)'} | {c['max_delta']:.2e} | {c['kl_mean']:.2e} |"
+              for c in bounded.get("candidates", [])]
     return lines
 
 

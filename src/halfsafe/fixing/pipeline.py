@@ -6,7 +6,8 @@ the demo, `generate --dtype auto`) runs `run` below; the stages, in order:
 1. roles    (rescale) `derive`: from the model itself, the residual stream's writers (x s), the
             readers that need compensating (x 1/s), the eps that move by s^2 and the interior
             (producer, consumer) pairs (see `roles/`). Refused roles are a HalfsafeError naming
-            the reader; roles that are exact in memory only (`export_blockers`) refuse --out.
+            the reader; roles that are exact in memory only (`export_blockers`) are exported
+            bounded (`bounded`) unless `exact_only`, where that is possible at all.
 2. prove    (rescale) `prove`: the roles applied in fp32 at s = 2^-3 must reproduce the fp32
             logits of two calibration prompts, max |delta| <= EXACT_BOUND * max |logit|
             (measured: torch.equal); otherwise VerificationFailed (exit 4) naming the worst
@@ -17,7 +18,12 @@ the demo, `generate --dtype auto`) runs `run` below; the stages, in order:
             `roles.output_exponents`); keep-fp32: the layers that keep fp32 (`keeping`).
 5. verify   held-out prompts through the fixed model and plain bfloat16, against fp32
             (mean KL, top-1, non-finite share; `verifying`).
-6. gate     all finite and mean KL <= the bound (`gating.gate`); else VerificationFailed.
+   bounded  (an export of roles exact in memory only) after planning, the model as it will be
+            reloaded (each eps as its config field gives it) is run in fp32 both ways of storing
+            a conflicting field (`roles.bounded.reload_gate`); verification runs that model, in
+            the target dtype and in fp32 (`bounded.AS_EXPORTED`).
+6. gate     all finite and mean KL <= the bound (`gating.gate`); a bounded export also within
+            `bounded.check_bounded`'s bounds; else VerificationFailed.
 7. commit   the backend puts the fix in: in memory (weights swapped) or on disk (shards
             written one unit at a time); then `finalise`: eps x s^2, the attention kernel the
             plan needs, config.dtype and the config's `halfsafe` block.
@@ -37,6 +43,8 @@ from torch import nn
 from ..dtypes import dtype_name
 from ..errors import HalfsafeError
 from ..roles import GateResult, Roles, applying_scales, eps_settings
+from ..roles.bounded import ReloadResult, bounded_possible, export_settings
+from .bounded import bounded_summary, check_bounded
 from .gate import FixReport, VerificationFailed, gate
 from .keep_fp32 import KeepPlan, plan_keep_fp32
 from .observe import SiteStat
@@ -54,14 +62,20 @@ class Rescaling:
 
     roles: Roles
     plan: Plan
+    export: ReloadResult | None = None  # a bounded export: the eps as the checkpoint will reload them
 
     def scales(self) -> dict:
         """Parameter -> `applying._Scale`: the plan's residual and pair scales through the roles."""
         return applying_scales(self.roles, self.plan.residual_scale, self.plan.mlp_scales)
 
     def settings(self, model: nn.Module) -> list[tuple[object, str, float]]:
-        """(object, attribute, value): every eps the roles name, times s^2."""
-        return eps_settings(model, self.roles, self.plan.residual_scale) if self.plan.residual_scale != 1.0 else []
+        """(object, attribute, value): every eps the roles name, times s^2; for a bounded export,
+        every eps as the checkpoint will reload it."""
+        if self.plan.residual_scale == 1.0:
+            return []
+        if self.export is not None:
+            return export_settings(model, self.roles, self.plan.residual_scale, self.export.scaled_fields)
+        return eps_settings(model, self.roles, self.plan.residual_scale)
 
 
 Fix = Rescaling | KeepPlan
@@ -93,18 +107,22 @@ def check_strategy(strategy: str) -> None:
         raise HalfsafeError(f"unknown strategy '{strategy}'; use one of {', '.join(STRATEGIES)}")
 
 
-def derive(backend: Backend, *, for_export: bool = False) -> Roles:
+def derive(backend: Backend, *, for_export: bool = False, exact_only: bool = False) -> Roles:
     """Stage 1: the model's roles; refused roles, or roles a checkpoint cannot carry when the fix
-    is to be exported, are a HalfsafeError."""
+    is to be exported (not even bounded, or `exact_only`), are a HalfsafeError."""
     roles = backend.roles()
     if roles.refused:
         more = f" ({len(roles.refusals)} reasons in all)" if len(roles.refusals) > 1 else ""
         raise HalfsafeError(f"{roles.model_class} cannot be rescaled exactly: {roles.refusals[0]}{more}; "
                             "use --strategy keep-fp32")
     if for_export and roles.export_blockers:
-        raise HalfsafeError(f"{roles.model_class} is rescaled exactly in memory but not as a checkpoint: "
-                            f"{roles.export_blockers[0]}; drop --out and use halfsafe.load_fixed(MODEL) in Python, "
-                            "or --strategy keep-fp32")
+        bounded = bounded_possible(roles) and hasattr(backend, "reload_gate")
+        if exact_only or not bounded:
+            hint = ("drop --exact-only to export it bounded (its fp32 delta measured and recorded), " if exact_only
+                    and bounded else "drop --layerwise to export it bounded, " if bounded_possible(roles) else "")
+            raise HalfsafeError(f"{roles.model_class} is rescaled exactly in memory but not as a checkpoint: "
+                                f"{roles.export_blockers[0]}; {hint}drop --out and use halfsafe.load_fixed(MODEL) "
+                                "in Python, or --strategy keep-fp32")
     return roles
 
 
@@ -131,28 +149,32 @@ def plan_rescale(sites: list[SiteStat], site_roles: SiteRoles, *, architecture: 
 
 
 def rescaling(backend: Backend, calibration: list[str], *, dtype: torch.dtype, margin: float,
-              sites: list[SiteStat] | None = None, for_export: bool = False, progress=None
-              ) -> tuple[Rescaling, GateResult, list[SiteStat]]:
-    """Stages 1-4 for the rescale strategy: roles, proof, observation (unless `sites` is given), plan."""
-    roles = derive(backend, for_export=for_export)
+              sites: list[SiteStat] | None = None, for_export: bool = False, exact_only: bool = False,
+              progress=None) -> tuple[Rescaling, GateResult, list[SiteStat]]:
+    """Stages 1-4 for the rescale strategy: roles, proof, observation (unless `sites` is given), plan;
+    for a bounded export, the model as reloaded measured in fp32."""
+    roles = derive(backend, for_export=for_export, exact_only=exact_only)
     proof = prove(backend, roles, calibration)
     if sites is None:
         sites = backend.observe(calibration, progress)
     plan = plan_rescale(sites, backend.site_roles(roles, calibration[0]), architecture=roles.model_class,
                         dtype=dtype, margin=margin,
                         attn_implementation=backend.model.config._attn_implementation or "eager")
-    return Rescaling(roles, plan), proof, sites
+    fix = Rescaling(roles, plan)
+    if for_export and roles.export_blockers and plan.residual_scale != 1.0:  # at s = 1 nothing moves: exact
+        fix.export = backend.reload_gate(fix, calibration[:GATE_PROMPTS], dtype)
+    return fix, proof, sites
 
 
 def run(backend: Backend, *, dtype: torch.dtype, strategy: str, margin: float, calibration: list[str],
         heldout: list[str], max_kl: float | None, verify: bool, sites: list[SiteStat] | None = None,
-        for_export: bool = False, progress=None) -> FixReport:
+        for_export: bool = False, exact_only: bool = False, progress=None) -> FixReport:
     """Every stage in order; returns the report once the backend has committed the fix."""
     check_strategy(strategy)
     proof = None
     if strategy == "rescale":
         fix, proof, sites = rescaling(backend, calibration, dtype=dtype, margin=margin, sites=sites,
-                                      for_export=for_export, progress=progress)
+                                      for_export=for_export, exact_only=exact_only, progress=progress)
         plan = fix.plan
     else:
         if sites is None:
@@ -162,11 +184,17 @@ def run(backend: Backend, *, dtype: torch.dtype, strategy: str, margin: float, c
                        verification_prompts=len(heldout) if verify else 0)
     if proof is not None:
         report.exactness = {"max_delta": proof.max_delta, "relative": proof.relative, "equal": proof.equal,
-                            "prompts": min(GATE_PROMPTS, len(calibration))}
+                            "prompts": min(GATE_PROMPTS, len(calibration)),
+                            # as a checkpoint: roles exact in memory only are not, unless nothing moves (s = 1)
+                            "exact": not (fix.roles.export_blockers and fix.plan.residual_scale != 1.0)}
+        if fix.export is not None:
+            report.exactness["bounded"] = bounded_summary(fix.export)
         report.roles = fix.roles
     if verify:
         report.fidelity = backend.verify(heldout, fix, dtype, progress)
         gate(report, dtype, max_kl)
+    if strategy == "rescale" and fix.export is not None:
+        check_bounded(report, fix.export)
     if strategy == "keep-fp32":
         report.speed_ratio = backend.speed_ratio(fix, dtype, heldout[0])
     backend.commit(fix, dtype, report)

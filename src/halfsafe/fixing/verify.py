@@ -44,10 +44,14 @@ class Fidelity:
     greedy_identical: float | None  # share of prompts whose whole continuation equals fp32's
     new_tokens: int  # 0 where greedy decoding was not measured
     kl_values: list[float] = field(default_factory=list, repr=False)  # per position, for plots
+    max_delta: float | None = None  # max |delta logit| over every position (inf if any is non-finite)
+    max_logit: float | None = None  # the reference's largest |logit| (to read max_delta against)
 
     def to_json(self) -> dict:
         data = asdict(self)
         del data["kl_values"]
+        if data["max_delta"] is None:
+            del data["max_delta"], data["max_logit"]
         return data
 
 
@@ -66,7 +70,10 @@ def position_metrics(reference: torch.Tensor, test: torch.Tensor, targets: torch
     p_ref = ref_logp.exp().gather(-1, top[:, None])[:, 0]
     p_test = test_logp.exp().gather(-1, top[:, None])[:, 0]
     delta_p = torch.where(finite, (p_ref - p_test).abs(), p_ref)
-    metrics = {"kl": kl, "top1": top1, "delta_p": delta_p, "finite": finite}
+    delta = (reference.double() - test.double()).abs().amax(-1)
+    metrics = {"kl": kl, "top1": top1, "delta_p": delta_p, "finite": finite,
+               "delta": torch.where(finite, delta, torch.full_like(delta, float("inf"))),
+               "logit": reference.abs().amax(-1).double()}
     if targets is not None:
         nll = -test_logp[:-1].gather(-1, targets[:, None].to(test_logp.device))[:, 0]
         metrics["nll"] = torch.where(finite[:-1], nll, torch.full_like(nll, float("inf")))
@@ -90,7 +97,8 @@ def measure_fidelity(
     """
     greedy = tuple(variants) if greedy is None else greedy
     device = next(model.parameters()).device
-    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": []} for name in variants}
+    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": [], "delta": [], "logit": []}
+                 for name in variants}
     with torch.inference_mode():
         for prompt in prompts:
             batch = encode(tokenizer, prompt, device)
@@ -157,4 +165,6 @@ def summarise(name, collected, ref_tokens, tokens, new_tokens) -> Fidelity:
         greedy_identical=float((lengths == new_tokens).float().mean()) if lengths is not None else None,
         new_tokens=new_tokens if lengths is not None else 0,
         kl_values=kl.tolist(),
+        **({"max_delta": float(torch.cat(collected["delta"]).max()),
+            "max_logit": float(torch.cat(collected["logit"]).max())} if collected.get("delta") else {}),
     )

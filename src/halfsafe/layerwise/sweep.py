@@ -152,7 +152,7 @@ def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], scales: 
         sweep.layer(layer)
         if progress is not None:
             progress()
-    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": []}
+    collected = {name: {"kl": [], "top1": [], "delta_p": [], "finite": [], "nll": [], "delta": [], "logit": []}
                  for name in variants if name != "fp32"}
     for p, logits in sweep.tails(last_only=False):
         reference = logits["fp32"][0].float()

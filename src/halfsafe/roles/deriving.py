@@ -213,6 +213,7 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
     fields = eps_fields(model, values) if roles.eps else {}
     if isinstance(fields, str):
         roles.export_blockers.append(fields)
+        roles.export_refusals.append(fields)
         return
     roles.config_eps = sorted({fields[e] for e in roles.eps if e in fields})
     readers = tuple(roles.readers)
@@ -229,10 +230,12 @@ def _companions(model: nn.Module, trace: Trace, roles: Roles, require) -> None:
             # checkpoint has one value per field, so an export cannot be.
             roles.export_blockers.append(f"{name} shares the config's {field_name} with the stream's readers but its "
                                          f"input cannot scale: {error}")
+            roles.kept_eps.append((name, attr))
             continue
         require(found, 1, f"eps companion {name}")
         roles.eps.append((name, attr))
         roles.companions.append(name)
+    roles.eps_source = {f"{m}:{a}": fields[m, a] for m, a in [*roles.eps, *roles.kept_eps] if (m, a) in fields}
     if roles.export_blockers:
         roles.config_eps = []
     missing = [f"{m}.{a}" for m, a in roles.eps if (m, a) not in fields]

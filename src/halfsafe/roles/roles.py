@@ -27,6 +27,13 @@ class Roles:
     interior: dict[str, dict[str, int]] = field(default_factory=dict)  # 'producer->consumer' -> {param: exponent of t}
     refusals: list[str] = field(default_factory=list)
     export_blockers: list[str] = field(default_factory=list)  # exact in memory, not as a checkpoint
+    # What a bounded export (roles/bounded.py) needs to know about those blockers: "module:attr" ->
+    # the config field a reloaded checkpoint builds that eps from (readers' and `kept_eps`' alike);
+    # the norms built from a readers' field whose input cannot scale (they keep their eps in
+    # memory); and why no bounded export is possible either (the class cannot be rebuilt).
+    eps_source: dict[str, str] = field(default_factory=dict)
+    kept_eps: list[tuple[str, str]] = field(default_factory=list)
+    export_refusals: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -81,6 +88,7 @@ class Roles:
         data = dict(data)
         data["eps"] = [tuple(x) for x in data.get("eps", [])]
         data["pairs"] = [tuple(x) for x in data.get("pairs", [])]
+        data["kept_eps"] = [tuple(x) for x in data.get("kept_eps", [])]
         return cls(**data)
 
     def describe(self) -> str:
