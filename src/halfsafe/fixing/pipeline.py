@@ -56,7 +56,7 @@ class Rescaling:
     plan: Plan
 
     def scales(self) -> dict:
-        """Parameter -> `applying._Scale`: the plan's residual and pair scales through the roles."""
+        """Parameter -> `formats.scale.Scale`: the plan's residual and pair scales through the roles."""
         return applying_scales(self.roles, self.plan.residual_scale, self.plan.mlp_scales)
 
     def settings(self, model: nn.Module) -> list[tuple[object, str, float]]:
