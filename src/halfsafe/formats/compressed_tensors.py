@@ -64,11 +64,11 @@ def check_writable(directory: Path, config: dict) -> None:
         if config.get(extra):
             raise _refuse(directory, f"a {extra}")
     for name, group in groups.items():
+        if group.get("input_activations") or group.get("output_activations"):
+            raise _refuse(directory, f"activation quantization in config group '{name}'")
         form = group.get("format") or config.get("format")
         if form not in WRITABLE_FORMATS:
             raise _refuse(directory, f"format '{form}' in config group '{name}'")
-        if group.get("input_activations") or group.get("output_activations"):
-            raise _refuse(directory, f"activation quantization in config group '{name}'")
         weights = group.get("weights") or {}
         if weights.get("type") != "int" or weights.get("dynamic"):
             raise _refuse(directory, f"{weights.get('type')} weights in config group '{name}'")
