@@ -118,6 +118,7 @@ def check_config(source: Path, out: Path) -> dict:
     assert changed <= {"rms_norm_eps", "dtype"}, changed
     for name in (source / "recipe.yaml", source / "tokenizer.json", source / "generation_config.json"):
         assert (out / name.name).read_bytes() == name.read_bytes()
+    assert "Its weights stay quantized (compressed-tensors" in (out / "README.md").read_text()
     return after
 
 

@@ -189,9 +189,10 @@ class CompressedTensorsFormat:
         tensors and cast to `dtype`: what the exported checkpoint computes (the model is untouched)."""
         changes = self.stored_changes(scales)
         stored = self.stored()
-        moved = sorted({name.rpartition(".")[0] for name in changes if name.endswith("." + SCALE)})
+        moved = {name.rpartition(".")[0] for name in changes if name.endswith("." + SCALE)}
+        # Only the moved layers are decompressed again; the others' dequantized weights are the model's.
         tensors = {name: changes.get(name, tensor) for name, tensor in stored.items()
-                   if name.rpartition(".")[0] in set(moved)}
+                   if name.rpartition(".")[0] in moved}
         dequantized = self.dequantize(tensors) if tensors else {}
         weights = {}
         for name, param in model.named_parameters():
