@@ -139,7 +139,9 @@ def tiny_w4a16(tiny_dense) -> Path:
 def tiny_fixed(tiny_w4a16, short_prompt_args) -> tuple[Path, dict]:
     out = tiny_w4a16.parent / "w4a16-fixed"
     plan_json = tiny_w4a16.parent / "w4a16-plan.json"
+    untouched = tree(tiny_w4a16)
     assert main(["fix", str(tiny_w4a16), "--out", str(out), "--plan-json", str(plan_json), *short_prompt_args]) == 0
+    assert tree(tiny_w4a16) == untouched  # the input is never modified
     return out, json.loads(plan_json.read_text())
 
 
