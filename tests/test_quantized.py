@@ -311,7 +311,9 @@ def test_quantize_of_fix_equals_fix_of_quantize(demo_w4a16, demo_w4a16_fixed, tm
     """llm-compressor's RTN (symmetric int4, group 128) on the fixed dense demo (fp32) against
     halfsafe's fix of the quantized demo: RTN's scale is a group's max |w| over a constant, so a
     power of two moves through it exactly and the int4 values do not move.
-    Measured on the 2-core AMD EPYC: every packed weight and every scale equal (see the printed line)."""
+    Measured on the 2-core AMD EPYC: every tensor equal byte for byte (126 packed, 126 scales, 110
+    dense); the dense ones are printed, not asserted: llm-compressor round-trips Gemma's gains
+    through 1 + w in the load dtype, whose rounding this test does not own."""
     from halfsafe.fixing.apply import put_weights, scaled_weights
     from halfsafe.formats import Scale
     from halfsafe.model.loading import load_model
