@@ -158,5 +158,6 @@ def load_fixed(model: str, dtype: torch.dtype | str = torch.float16, *, device: 
     if device is not None:
         loaded.model.to(device)
     fix_options = {k: v for k, v in kwargs.items() if k not in load_keys}
+    fix_options.setdefault("weights_format", loaded.weights_format)
     fixed, _ = fix(loaded.model, loaded.tokenizer, dtype=dtype, **fix_options)
     return fixed, loaded.tokenizer
