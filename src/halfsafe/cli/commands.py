@@ -133,10 +133,11 @@ def run_fix(args) -> int:
     model, report = fix_with_progress(loaded, console, dtype=dtype, strategy=args.strategy, margin=args.margin,
                                       calibration=calibration, heldout=heldout, max_kl=args.max_kl,
                                       verify=not args.no_verify, for_export=bool(args.out),
-                                      exact_only=args.exact_only)
+                                      exact_only=args.exact_only, weights_format=loaded.weights_format)
     render_fix(report, console)
     if args.out:
-        out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite)
+        out = export_checkpoint(model, loaded.tokenizer, args.out, overwrite=args.overwrite,
+                                weights_format=loaded.weights_format, scales=report.scales())
         console.print(f"fixed checkpoint written to {out}", highlight=False)
     if plan_path:
         write_json(report.to_json(full_roles=True), plan_path)

@@ -20,22 +20,18 @@ Which parameters and eps move comes from the model's derived roles (`roles.apply
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import HalfsafeError
+from ..formats.dense import DENSE
+from ..formats.scale import Scale, scaled_tensor  # noqa: F401 (scaled_tensor: public here)
 from ..model.precision import use_weights
 from .plan import Plan
 
-_ROWS = 4096
-
-
-@dataclass
-class _Scale:
-    factor: float = 1.0
-    offset: float = 0.0  # the norm convention: the gain is (offset + w)
+# The scale value and its dense arithmetic live in the weight-format layer (`formats`), which
+# `roles` imports too; `_Scale` is kept as this module's name for it.
+_Scale = Scale
 
 
 def is_tied(model: nn.Module) -> bool:
@@ -43,34 +39,12 @@ def is_tied(model: nn.Module) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
-def scaled_weights(model: nn.Module, scales: dict[str, _Scale], dtype: torch.dtype, *,
+def scaled_weights(model: nn.Module, scales: dict[str, Scale], dtype: torch.dtype, *,
                    only: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Every floating parameter of `model` (or those named in `only`), scaled by `scales`
-    (`Rescaling.scales()`: parameter -> factor and gain offset) and cast to `dtype`; the model is untouched."""
-    return {
-        name: scaled_tensor(name, param.detach(), scales.get(name), dtype)
-        for name, param in model.named_parameters()
-        if param.is_floating_point() and (only is None or name in only)
-    }
-
-
-def scaled_tensor(name: str, tensor: torch.Tensor, entry: _Scale | None, dtype: torch.dtype) -> torch.Tensor:
-    """One parameter scaled (float64 arithmetic, a slice of rows at a time, since an embedding can
-    be gigabytes wide), cast once to `dtype` and checked finite."""
-    if entry is None or entry.factor == 1.0:
-        return tensor.to(dtype)
-    new = torch.empty(tensor.shape, dtype=dtype, device=tensor.device)
-    finite = True
-    for source, target in zip(tensor.split(_ROWS), new.split(_ROWS), strict=True):
-        target.copy_((source.to(torch.float64) + entry.offset) * entry.factor - entry.offset)
-        # Per slice: on a 1 B-element embedding the whole-tensor check allocates GBs of temporaries.
-        finite = finite and bool(torch.isfinite(target).all())
-    if not finite:
-        raise HalfsafeError(
-            f"scaling {name} by {entry.factor:g} gives non-finite {dtype} values; "
-            "lower --margin or use --strategy keep-fp32"
-        )
-    return new
+    (`Rescaling.scales()`: parameter -> factor and gain offset) and cast to `dtype`; the model is
+    untouched. Dense weights; a quantized checkpoint's format has its own (`formats`)."""
+    return DENSE.scaled_weights(model, scales, dtype, only=only)
 
 
 Settings = list[tuple[object, str, float]]  # (object, attribute, new value): the eps x s^2

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import HalfsafeError
+from ..formats import DENSE
 from ..outputs import check_parent_writable
 from .workdirs import make_work_dir, remove_stale_work_dirs
 
@@ -36,15 +37,17 @@ def check_export_target(out: str | Path, *, overwrite: bool, source: Path | None
     return out
 
 
-def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
-    """save_pretrained (safetensors shards, config with its `halfsafe` block, generation config)
-    plus the tokenizer, into a temporary sibling, then renamed to `out`."""
+def export_checkpoint(model: nn.Module, tokenizer, out: str | Path, *, overwrite: bool = False,
+                      weights_format=DENSE, scales: dict | None = None) -> Path:
+    """The fixed checkpoint, written by its weights format into a temporary sibling, then renamed to
+    `out`. Dense: save_pretrained (safetensors shards, config with its `halfsafe` block, generation
+    config) plus the tokenizer. A quantized format copies its input with only the tensors that
+    `scales` (`FixReport.scales()`) moves rewritten (`formats`)."""
     out = check_export_target(out, overwrite=overwrite)
     work = None
     try:
         work = make_work_dir(out.parent, f".{out.name}.halfsafe")
-        model.save_pretrained(str(work), max_shard_size="2GB")
-        tokenizer.save_pretrained(str(work))
+        weights_format.write(work, model, tokenizer, scales or {})
         publish(work, out, source=model.config.name_or_path)
     except (OSError, SafetensorError) as exc:  # a full disk, a vanished directory: found only while writing
         raise HalfsafeError(f"could not write the checkpoint to --out '{out}': {_reason(exc)}; nothing was "

@@ -11,11 +11,12 @@ from torch import nn
 
 from ..dtypes import parse_dtype
 from ..errors import HalfsafeError
+from ..formats import DENSE
 from ..model.precision import cast_temporarily
 from ..prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_lengths
 from ..roles import derive_roles, exactness_gate, output_exponents
 from ..timing import now
-from .apply import put_weights, scaled_weights, use_fix
+from .apply import put_weights, use_fix
 from .bounded import AS_EXPORTED, ROUNDING
 from .gate import BF16_TARGET_SLACK, FixReport, VerificationFailed, gate  # noqa: F401 (public here)
 from .keep_fp32 import KeepPlan, apply_keep_fp32, use_keep_fp32
@@ -28,10 +29,12 @@ VERIFY_TOKENS = 32
 
 
 class InMemory:
-    """The pipeline's backend for a model held whole (fp32, changed in place only by `commit`)."""
+    """The pipeline's backend for a model held whole (fp32, changed in place only by `commit`).
+    `weights_format`: how the checkpoint stores the weights (`formats`); the fixed variant is
+    verified as that format stores it (a quantized layer through its rescaled scales)."""
 
-    def __init__(self, model: nn.Module, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: nn.Module, tokenizer, weights_format=DENSE):
+        self.model, self.tokenizer, self.weights_format = model, tokenizer, weights_format
 
     def _ids(self, prompt: str) -> torch.Tensor:
         device = next(self.model.parameters()).device
@@ -68,7 +71,7 @@ class InMemory:
         """A factory of blocks that run the model as fixed, restoring it after."""
         if isinstance(fix, KeepPlan):
             return lambda: use_keep_fp32(self.model, fix, dtype)
-        weights = scaled_weights(self.model, fix.scales(), dtype)
+        weights = self.weights_format.scaled_weights(self.model, fix.scales(), dtype)
         return lambda: use_fix(self.model, fix.settings(self.model), fix.plan, weights)
 
     def verify(self, prompts: list[str], fix: Fix, dtype: torch.dtype, progress=None) -> dict:
@@ -88,7 +91,7 @@ class InMemory:
         if isinstance(fix, KeepPlan):
             apply_keep_fp32(self.model, fix, dtype)
         else:
-            put_weights(self.model, scaled_weights(self.model, fix.scales(), dtype))
+            put_weights(self.model, self.weights_format.scaled_weights(self.model, fix.scales(), dtype))
         finalise(self.model, fix, dtype, report)
 
 
@@ -106,6 +109,7 @@ def fix(
     observation: list[SiteStat] | None = None,
     for_export: bool = False,
     exact_only: bool = False,
+    weights_format=DENSE,
     progress=None,
 ) -> tuple[nn.Module, FixReport]:
     """Make `model` (fp32, changed in place) run in `dtype` without overflow.
@@ -125,6 +129,8 @@ def fix(
     written as a checkpoint, so roles that are exact in memory only are exported bounded: each eps
     as its config field will reload it, the fp32 distance measured and bounded (`bounded`), and
     `report.exactness['exact']` False; `exact_only` refuses them instead.
+    `weights_format`: the checkpoint's (`LoadedModel.weights_format`) when `model` is a quantized
+    checkpoint dequantized to fp32: the fix is verified as that format will store it.
     """
     dtype = parse_dtype(dtype)
     check_strategy(strategy)
@@ -134,7 +140,7 @@ def fix(
     heldout = heldout or bundled_prompts(HELDOUT)
     check_prompt_lengths(model, tokenizer, calibration, what="calibration prompt")
     check_prompt_lengths(model, tokenizer, heldout, reserve=VERIFY_TOKENS if verify else 0, what="held-out prompt")
-    backend = InMemory(model, tokenizer)
+    backend = InMemory(model, tokenizer, weights_format)
     report = run(backend, dtype=dtype, strategy=strategy, margin=margin, calibration=calibration, heldout=heldout,
                  max_kl=max_kl, verify=verify, sites=observation, for_export=for_export,
                  exact_only=exact_only, progress=progress)
@@ -175,5 +181,6 @@ def load_fixed(model: str, dtype: torch.dtype | str = torch.float16, *, device: 
     if device is not None:
         loaded.model.to(device)
     fix_options = {k: v for k, v in kwargs.items() if k not in load_keys}
+    fix_options.setdefault("weights_format", loaded.weights_format)
     fixed, _ = fix(loaded.model, loaded.tokenizer, dtype=dtype, **fix_options)
     return fixed, loaded.tokenizer

@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import HalfsafeError
-from ..roles import Roles
+from ..roles import Roles, applying_scales
 from .keep_fp32 import KeepPlan
 from .plan import Plan
 from .verify import Fidelity
@@ -40,6 +40,12 @@ class FixReport:
     @property
     def fixed(self) -> Fidelity | None:
         return self.fidelity.get("fixed")
+
+    def scales(self) -> dict:
+        """Parameter -> `formats.Scale`: what the rescale strategy multiplied (a format writes it)."""
+        if self.strategy != "rescale" or self.roles is None:
+            return {}
+        return applying_scales(self.roles, self.plan.residual_scale, self.plan.mlp_scales)
 
     def to_json(self, *, full_roles: bool = False) -> dict:
         """The report as the exported config's `halfsafe` block carries it; `full_roles`: every

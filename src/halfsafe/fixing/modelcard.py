@@ -53,6 +53,7 @@ def model_card(config: dict, *, base_model: str | None = None, carried: dict | N
         f"The weights of {title} rescaled by exact powers of two so that it runs in {dtype} without overflow "
         "(no residual-stream activation past the dtype's maximum), then verified against float32. "
         "Shapes, names and config fields are those of the original: it is an ordinary checkpoint.",
+        *_quantized_lines(config),
         "",
         "## Plan",
         "",
@@ -93,6 +94,17 @@ def model_card(config: dict, *, base_model: str | None = None, carried: dict | N
         "",
     ]
     return "\n".join(lines)
+
+
+def _quantized_lines(config: dict) -> list[str]:
+    """A quantized checkpoint says how it was rescaled and what it was verified against."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return []
+    return ["", f"Its weights stay quantized ({quantization.get('quant_method', 'unknown')}, as the input stored "
+            "them): the packed integer weights are the input's, byte for byte, and the rescaled layers' quantization "
+            "scales are the input's times the power of two. \"float32\" below is the quantized model's own fp32 run "
+            "(its weights dequantized), not the dense model it was quantized from."]
 
 
 def _plan_lines(block: dict) -> list[str]:

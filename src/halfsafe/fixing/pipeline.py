@@ -65,7 +65,7 @@ class Rescaling:
     export: ReloadResult | None = None  # a bounded export: the eps as the checkpoint will reload them
 
     def scales(self) -> dict:
-        """Parameter -> `applying._Scale`: the plan's residual and pair scales through the roles."""
+        """Parameter -> `formats.scale.Scale`: the plan's residual and pair scales through the roles."""
         return applying_scales(self.roles, self.plan.residual_scale, self.plan.mlp_scales)
 
     def settings(self, model: nn.Module) -> list[tuple[object, str, float]]:

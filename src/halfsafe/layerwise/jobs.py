@@ -183,7 +183,7 @@ def check_free_disk(lm: LayerwiseModel, out: Path, dtype: torch.dtype) -> None:
 
 def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
                      *, progress=None) -> Path:
-    """One shard per unit: its tensors read, scaled (`applying.scaled_tensor`), cast, and written as
+    """One shard per unit: its tensors read, scaled (`formats.scale.scaled_tensor`), cast, and written as
     `save_pretrained` writes the in-memory model (names and layout through `Layout.stored`: Mixtral's
     stacked experts go back to one tensor per expert); then config (`pipeline.finalise`: eps, dtype,
     `halfsafe` block), generation config and tokenizer; then the rename to `out`."""
@@ -191,9 +191,9 @@ def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokeni
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from ..fixing.apply import scaled_tensor
     from ..fixing.export import publish
     from ..fixing.pipeline import finalise
+    from ..formats.scale import scaled_tensor
 
     scales = fix.scales()
     target = work / "checkpoint"

@@ -82,7 +82,7 @@ def cast_variant(lm: LayerwiseModel, dtype: torch.dtype):
 
 
 def fixed_variant(lm: LayerwiseModel, scales: dict, settings: list, plan, dtype: torch.dtype):
-    """The model as `fix` leaves it: weights scaled by `scales` (parameter -> `applying._Scale`)
+    """The model as `fix` leaves it: weights scaled by `scales` (parameter -> `formats.scale.Scale`)
     in `dtype`, the eps `settings`, the plan's attention kernel."""
     from ..fixing.apply import scaled_tensor, use_fix
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HalfsafeError
+from ..formats import DENSE, checkpoint_format
 from .checks import check_checkpoint_dir, check_vocabulary, first_line
 
 DEMO = "demo"
@@ -38,6 +39,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user passed, or the demo's description
     path: Path  # the directory the weights were read from
+    weights_format: object = DENSE  # how the checkpoint stores them (`formats`): what a fix writes through
 
 
 def cache_root() -> Path:
@@ -95,6 +97,9 @@ def resolve_checkpoint_dir(model: str, *, allow_pickle: bool = False) -> Path:
                             "(convert a GGUF file with 'halfsafe fix' in memory first)")
     if path.is_dir():
         check_checkpoint_dir(path, allow_pickle)
+        if checkpoint_format(path).quantized:
+            raise HalfsafeError(f"'{spec}' is a quantized checkpoint; layer-wise mode reads dense checkpoints only so "
+                                "far; drop --layerwise (the quantized model is dequantized in memory)")
         return path
     if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
         return _resolve_hub_id(spec, allow_pickle)
@@ -115,6 +120,7 @@ def _load_dir(
     from transformers import AutoModelForCausalLM
 
     check_checkpoint_dir(path, allow_pickle)
+    weights_format = checkpoint_format(path)  # a quantization halfsafe cannot write is refused here
     # The tokenizer first: it loads in a moment, and a checkpoint without one is refused before
     # the weights are read.
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -122,13 +128,20 @@ def _load_dir(
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        if weights_format.quantized:
+            # Dequantized by the format's own library into a plain model: observed, planned and
+            # proven as any dense model; the fix is written back through the format.
+            model = weights_format.dense_model(dtype=dtype, trust_remote_code=trust_remote_code, extra=extra)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except HalfsafeError:
+        raise
     except Exception as exc:  # transformers raises many types; the user needs one line
         reason = first_line(exc).rstrip(".")
         raise HalfsafeError(f"could not load the model in '{path}': {reason}; if its files are damaged, copy or "
                             "download them again") from exc
     check_vocabulary(model, tokenizer, path)
-    return LoadedModel(model.eval(), tokenizer, name, path)
+    return LoadedModel(model.eval(), tokenizer, name, path, weights_format)
 
 
 # Files from which transformers builds a tokenizer (tokenizers' JSON, SentencePiece, BPE

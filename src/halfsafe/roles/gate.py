@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import HalfsafeError
+from ..formats.scale import Scale
 from ..model.hooks import HookSet
 from .roles import Roles
 
@@ -54,11 +55,9 @@ def scaled_parameters(model: nn.Module, roles: Roles, s: float, interior: dict[s
 
 
 def applying_scales(roles: Roles, s: float, interior: dict[str, float] | None = None) -> dict:
-    """`roles` for residual scale s in the form `apply.scaled_weights` takes,
-    so `fix` can write the derived rescaling through its existing path."""
-    from ..fixing.apply import _Scale
-
-    return {name: _Scale(factor=factor, offset=offset) for name, (factor, offset) in roles.factors(s, interior).items()}
+    """`roles` for residual scale s as `Scale` values (parameter -> factor and gain offset), the
+    form every weight format (`formats`) and `apply.scaled_weights` take."""
+    return {name: Scale(factor=factor, offset=offset) for name, (factor, offset) in roles.factors(s, interior).items()}
 
 
 def eps_settings(model: nn.Module, roles: Roles, s: float) -> list[tuple[object, str, float]]:
