@@ -131,16 +131,16 @@ def check_plain(fixed: str) -> dict:
     return {**result, "no_bf16_fixed_auto": dtype_or_error(fixed, "auto")}
 
 
-def run_engine(model: str, prompts: list[list[int]], **extra) -> tuple[dict, object]:
-    """Greedy on every prompt (NEW_TOKENS each, past the end token, as fp32's reference is made),
-    sampling on the first three, twice each."""
+def run_engine(model: str, prompts: list[list[int]], ignore_eos: bool = True, **extra) -> tuple[dict, object]:
+    """Greedy on every prompt (NEW_TOKENS each, past the end token as fp32's reference is made,
+    unless `ignore_eos` is False), sampling on the first three, twice each."""
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
     llm = LLM(model=model, dtype="float16", **{**ENGINE, **extra})
     loaded = time.perf_counter() - start
     inputs = [{"prompt_token_ids": ids} for ids in prompts]
-    greedy = llm.generate(inputs, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True,
+    greedy = llm.generate(inputs, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=ignore_eos,
                                                  logprobs=0), use_tqdm=False)
     sampled = llm.generate(inputs[:3] * 2, SamplingParams(max_tokens=24, temperature=0.8, logprobs=0),
                            use_tqdm=False)
@@ -193,7 +193,8 @@ def check_unfixed(demo: str, fixed: str, prompts: list[list[int]]) -> dict:
     config = json.load(open(os.path.join(demo, "config.json")))
     config["halfsafe"] = json.load(open(os.path.join(fixed, "config.json")))["halfsafe"]
     json.dump(config, open(os.path.join(lifted, "config.json"), "w"))
-    result, _ = run_engine(lifted, prompts, logits_processors=[SanitizeLogits])
+    # The end token the processor puts on an all-NaN row must end the request: greedy stops there too.
+    result, _ = run_engine(lifted, prompts, ignore_eos=False, logits_processors=[SanitizeLogits])
     expected = len(result["greedy"]) + len(result["sampled"])
     deadline = time.monotonic() + 10  # the count is published by a thread, after the device has it
     while metrics.total() < expected and time.monotonic() < deadline:
