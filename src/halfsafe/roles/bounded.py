@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import HalfsafeError
-from .gate import scaled_parameters
+from .gate import scaled_parameters, swapped
 from .provenance import text_config
 from .roles import Roles
 
@@ -80,22 +80,9 @@ def export_settings(model: nn.Module, roles: Roles, s: float, scaled_fields: set
 def running_as_exported(model: nn.Module, roles: Roles, s: float, scaled_fields, interior=None):
     """Run `model` (fp32) rescaled by s with the eps a reloaded checkpoint would have; every weight
     and eps is restored exactly after."""
-    params = dict(model.named_parameters())
-    new = scaled_parameters(model, roles, s, interior)
-    settings = export_settings(model, roles, s, scaled_fields)
-    saved_params = {name: params[name].data for name in new}
-    saved_attrs = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in settings]
-    try:
-        for name, value in new.items():
-            params[name].data = value
-        for obj, attr, value in settings:
-            setattr(obj, attr, value)
+    new, settings = scaled_parameters(model, roles, s, interior), export_settings(model, roles, s, scaled_fields)
+    with swapped(model, new, settings):
         yield model
-    finally:
-        for name, value in saved_params.items():
-            params[name].data = value
-        for obj, attr, value in saved_attrs:
-            setattr(obj, attr, value)
 
 
 @dataclass

@@ -72,9 +72,15 @@ def eps_settings(model: nn.Module, roles: Roles, s: float) -> list[tuple[object,
 def use_roles(model: nn.Module, roles: Roles, s: float, interior: dict[str, float] | None = None):
     """Run `model` rescaled by s (and `interior` pair scales) inside the block; every weight and
     eps is restored exactly after."""
+    with swapped(model, scaled_parameters(model, roles, s, interior), eps_settings(model, roles, s)):
+        yield model
+
+
+@contextmanager
+def swapped(model: nn.Module, new: dict[str, torch.Tensor], settings):
+    """Run `model` with the parameters in `new` and the (object, attribute, value) `settings`
+    inside the block; every original is restored exactly after."""
     params = dict(model.named_parameters())
-    new = scaled_parameters(model, roles, s, interior)
-    settings = eps_settings(model, roles, s)
     saved_params = {name: params[name].data for name in new}
     saved_attrs = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in settings]
     try:
