@@ -119,13 +119,37 @@ class PackedFormat:
             module = self._module_of(parameter)
             if module is not None:
                 name = f"{module}.{self.SCALE}"
-                changes[name] = scaled_scales(module, self.SCALE, stored[name], entry)
+                changes[name] = self._scaled_scales(module, stored[name], entry)
             elif parameter in stored:
                 changes[parameter] = scaled_tensor(parameter, stored[parameter], entry, stored[parameter].dtype)
             else:
                 raise HalfsafeError(f"the fix scales {parameter}, which the {self.label} checkpoint "
                                     f"'{self.directory}' does not store under that name; halfsafe cannot write it")
         return changes
+
+    def _scaled_scales(self, module: str, scale: torch.Tensor, entry: Scale) -> torch.Tensor:
+        """The module's scales x the factor, refused unless the module still dequantizes to
+        exactly factor x its weight. Every scale that stays a normal number is exact; one that
+        does not (subnormal, zero, infinite) is exact only where its group's integers equal their
+        zero point (a group of zeros: AWQ and vLLM store it with a clamped, subnormal float16
+        scale), which the format's library says by dequantizing the module both ways."""
+        new, bad = scaled_scales(module, self.SCALE, scale, entry)
+        if bad:
+            leaves = {f"{module}.{leaf}" for leaf in self.LEAVES}
+            before = {name: tensor for name, tensor in self.stored().items() if name in leaves}
+            weight = f"{module}.weight"
+            old_weight = self.dequantize(before)[weight]
+            new_weight = self.dequantize({**before, f"{module}.{self.SCALE}": new})[weight]
+            if not torch.equal(new_weight, old_weight * entry.factor):
+                power = round(math.log2(entry.factor))
+                raise HalfsafeError(
+                    f"scaling {module}'s {self.SCALE} ({dtype_name(scale.dtype)}) by 2^{power} "
+                    f"would leave {bad:,} of {scale.numel():,} scales outside the normal {dtype_name(scale.dtype)} "
+                    f"range (normal: {torch.finfo(scale.dtype).tiny:.3g} to {torch.finfo(scale.dtype).max:.3g}), "
+                    "losing their bits; the fix would not be exact; lower --margin (a smaller rescaling), or "
+                    "quantize the fixed dense model instead"
+                )
+        return new
 
     def scaled_weights(self, model: nn.Module, scales: dict[str, Scale], dtype: torch.dtype, *,
                        only: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -177,25 +201,17 @@ class PackedFormat:
                                                + "\n", encoding="utf-8")
 
 
-def scaled_scales(module: str, leaf: str, scale: torch.Tensor, entry: Scale) -> torch.Tensor:
-    """`scale` x the entry's factor in the scale's own dtype, refused unless every nonzero scale
-    stays a normal number: a subnormal scale has lost bits, an overflowed one is infinite."""
+def scaled_scales(module: str, leaf: str, scale: torch.Tensor, entry: Scale) -> tuple[torch.Tensor, int]:
+    """`scale` x the entry's power of two in the scale's own dtype, and how many of its nonzero
+    scales leave the normal numbers (a subnormal scale has lost bits, an overflowed one is infinite)."""
     mantissa, _ = math.frexp(entry.factor)
     if entry.offset or mantissa != 0.5:
-        raise HalfsafeError(f"{module}'s quantization scales can only move by a power of two, not by "
+        raise HalfsafeError(f"{module}'s quantization {leaf} can only move by a power of two, not by "
                             f"{entry.factor:g} (offset {entry.offset:g}); halfsafe cannot write this fix")
     new = (scale.to(torch.float64) * entry.factor).to(scale.dtype)
     tiny = torch.finfo(scale.dtype).tiny
     bad = ~torch.isfinite(new) | ((new.abs() < tiny) & (scale != 0))
-    count = int(bad.sum())
-    if count:
-        raise HalfsafeError(
-            f"scaling {module}'s {leaf} ({dtype_name(scale.dtype)}) by 2^{round(math.log2(entry.factor))} would "
-            f"leave {count:,} of {scale.numel():,} scales outside the normal {dtype_name(scale.dtype)} range "
-            f"(normal: {tiny:.3g} to {torch.finfo(scale.dtype).max:.3g}), losing their bits; the fix would not be "
-            "exact; lower --margin (a smaller rescaling), or quantize the fixed dense model instead"
-        )
-    return new
+    return new, int(bad.sum())
 
 
 def fixed_config(config: dict, model: nn.Module) -> dict:
