@@ -146,6 +146,16 @@ def test_diagnose_reads_awq(tiny_awq, short_prompt_args, capsys):
     assert "float16: UNSAFE" in capsys.readouterr().out
 
 
+def test_compare_reads_awq(tiny_awq, short_prompt_args, tmp_path):
+    """The table a user reads before choosing: the quantized model's variants against its own fp32."""
+    report = tmp_path / "compare.json"
+    assert main(["compare", str(tiny_awq), "--texts", short_prompt_args[3], "--no-speed", "--new-tokens", "4",
+                 "--json", str(report)]) == 0
+    rows = {row["variant"]: row for row in json.loads(report.read_text())["variants"]}
+    assert rows["fp16"]["fidelity"]["nonfinite_share"] > 0
+    assert rows["fp16-fixed"]["fidelity"]["nonfinite_share"] == 0
+
+
 def test_other_awq_layouts_are_refused(tiny_awq, tmp_path, capsys):
     source = tmp_path / "gemv"
     source.mkdir()
