@@ -236,9 +236,9 @@ def test_other_quantization_formats_are_refused(tiny_dense, tmp_path, capsys):
 def check_layerwise_equals_in_memory(source: Path, fixed: tuple[Path, dict], prompt_args: list[str],
                                      tmp_path: Path) -> Path:
     """`fix --layerwise` of the quantized `source` against its in-memory fix (`fixed`: the output and
-    its plan JSON): the same plan and roles, the same teacher-forced verification of the fixed
-    variant (so it ran the rescaled quantized weights, not dense ones), every tensor byte for byte,
-    the same files and config but for the verification numbers; the input untouched. Returns the output."""
+    its plan JSON): the same plan and roles, the same teacher-forced verification numbers, every
+    tensor byte for byte, the same files, and the same config but for the verification block; the
+    input untouched. Returns the output."""
     in_memory, plan = fixed
     out, plan_json = tmp_path / "layerwise", tmp_path / "layerwise-plan.json"
     untouched = tree(source)
