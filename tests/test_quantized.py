@@ -281,6 +281,41 @@ def check_layerwise_reads_lazily(source: Path) -> None:
     assert lm.weights_format._stored is None
 
 
+def test_interrupted_layerwise_fix_of_w4a16_resumes_to_the_same_checkpoint(tiny_w4a16, tiny_fixed, tmp_path):
+    """Interrupted in the export, after the outer unit and layer 0 are written into the copied
+    shards: the rerun keeps those units (recorded in the work directory), writes the rest, and
+    publishes the in-memory fix's tensors."""
+    from halfsafe.layerwise import OUTER
+    from halfsafe.layerwise.jobs import fix_layerwise, open_layerwise, work_dir_for
+    from halfsafe.model.loading import load_tokenizer
+    from halfsafe.testing import SHORT_HELDOUT
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    def progress():  # 4 observation layers, 4 verification layers, then the export's units
+        calls.append(1)
+        if len(calls) == 10:
+            raise Interrupt
+
+    out, tokenizer = tmp_path / "fixed", load_tokenizer(tiny_w4a16)
+    prompts = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)
+    lm = open_layerwise(tiny_w4a16)
+    outer = len(lm.layout.together(lm.unit_names(OUTER)))  # one unit per tensor outside the layers
+    with pytest.raises(Interrupt):
+        fix_layerwise(lm, tokenizer, out, progress=progress, **prompts)
+    work = work_dir_for(out)
+    assert not out.exists() and (work / "patched-units.txt").read_text().split() == [str(k) for k in range(outer + 1)]
+    assert sorted(p.name for p in (work / "checkpoint").glob("*.safetensors")) == \
+        sorted(p.name for p in tiny_w4a16.glob("*.safetensors"))
+    fix_layerwise(open_layerwise(tiny_w4a16), tokenizer, out, **prompts)
+    assert not work.exists()
+    ours, theirs = tensors(out), tensors(tiny_fixed[0])
+    assert ours.keys() == theirs.keys() and all(raw(ours[k]) == raw(theirs[k]) for k in ours)
+
+
 def test_layerwise_fix_w4a16_equals_the_in_memory_fix(tiny_w4a16, tiny_fixed, short_prompt_args, tmp_path):
     check_layerwise_reads_lazily(tiny_w4a16)
     out = check_layerwise_equals_in_memory(tiny_w4a16, tiny_fixed, short_prompt_args, tmp_path)

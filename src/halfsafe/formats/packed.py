@@ -202,7 +202,8 @@ class PackedFormat:
         changes = self.stored_changes(scales if only is None else {n: s for n, s in scales.items() if n in only})
         moved = {name.rpartition(".")[0] for name in changes if name.endswith("." + self.SCALE)}
         # Only the moved layers are dequantized again; the others' dequantized weights are the model's.
-        tensors = {name: changes.get(name, self.tensor(name)) for module in moved for name in self._leaves(module)}
+        tensors = {name: changes[name] if name in changes else self.tensor(name)
+                   for module in moved for name in self._leaves(module)}
         dequantized = self.dequantize(tensors) if tensors else {}
         weights = {}
         for name, param in model.named_parameters():
