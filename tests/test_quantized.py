@@ -233,9 +233,94 @@ def test_other_quantization_formats_are_refused(tiny_dense, tmp_path, capsys):
     assert not (tmp_path / "fixed").exists()
 
 
-def test_layerwise_refuses_quantized(tiny_w4a16, tmp_path, capsys):
-    assert main(["fix", str(tiny_w4a16), "--out", str(tmp_path / "x"), "--layerwise"]) == 2
-    assert "layer-wise mode reads dense checkpoints only" in capsys.readouterr().err
+def check_layerwise_equals_in_memory(source: Path, fixed: tuple[Path, dict], prompt_args: list[str],
+                                     tmp_path: Path) -> Path:
+    """`fix --layerwise` of the quantized `source` against its in-memory fix (`fixed`: the output and
+    its plan JSON): the same plan and roles, the same teacher-forced verification numbers, every
+    tensor byte for byte, the same files, and the same config but for the verification block; the
+    input untouched. Returns the output."""
+    in_memory, plan = fixed
+    out, plan_json = tmp_path / "layerwise", tmp_path / "layerwise-plan.json"
+    untouched = tree(source)
+    assert main(["fix", str(source), "--out", str(out), "--layerwise", "--plan-json", str(plan_json),
+                 *prompt_args]) == 0
+    assert tree(source) == untouched
+    got = json.loads(plan_json.read_text())
+    assert got["plan"] == plan["plan"] and got["roles"] == plan["roles"] and got["plan"]["residual_scale"] < 1
+    assert got["exactness"]["exact"] and got["verification"]["fixed"]["nonfinite_share"] == 0
+    for name in ("fixed", "bfloat16"):
+        assert got["verification"][name]["kl_mean"] == pytest.approx(plan["verification"][name]["kl_mean"], rel=1e-6)
+    ours, theirs = tensors(out), tensors(in_memory)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype and raw(tensor) == raw(theirs[name]), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in in_memory.iterdir())
+    for path in in_memory.iterdir():
+        if path.suffix != ".safetensors" and path.name not in ("config.json", "README.md"):
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    ours, theirs = json.loads((out / "config.json").read_text()), json.loads((in_memory / "config.json").read_text())
+    assert ours.pop("halfsafe")["plan"] == theirs.pop("halfsafe")["plan"] and ours == theirs
+    assert not list(tmp_path.glob(".layerwise*"))  # no work directory left
+    return out
+
+
+def check_layerwise_reads_lazily(source: Path) -> None:
+    """The layer-wise reading of a quantized checkpoint: each unit's weights equal the in-memory
+    dequantized model's, read by name (the whole checkpoint is never loaded: `stored()` unread)."""
+    from halfsafe.layerwise import OUTER, LayerwiseModel
+    from halfsafe.model.loading import load_model
+
+    lm = LayerwiseModel(source)
+    dense = dict(load_model(str(source)).model.named_parameters())
+    quantized = set(lm.weights_format.composite_parameters())
+    for unit in (OUTER, 0, lm.num_layers - 1):
+        weights = lm.load(lm.unit_names(unit))
+        assert quantized & set(weights) or unit == OUTER
+        for name, tensor in weights.items():
+            assert tensor.dtype == torch.float32 and torch.equal(tensor, dense[name].detach()), name
+    assert lm.weights_format._stored is None
+
+
+def test_interrupted_layerwise_fix_of_w4a16_resumes_to_the_same_checkpoint(tiny_w4a16, tiny_fixed, tmp_path):
+    """Interrupted in the export, after the outer unit and layer 0 are written into the copied
+    shards: the rerun keeps those units (recorded in the work directory), writes the rest, and
+    publishes the in-memory fix's tensors."""
+    from halfsafe.layerwise import OUTER
+    from halfsafe.layerwise.jobs import fix_layerwise, open_layerwise, work_dir_for
+    from halfsafe.model.loading import load_tokenizer
+    from halfsafe.testing import SHORT_HELDOUT
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    def progress():  # 4 observation layers, 4 verification layers, then the export's units
+        calls.append(1)
+        if len(calls) == 10:
+            raise Interrupt
+
+    out, tokenizer = tmp_path / "fixed", load_tokenizer(tiny_w4a16)
+    prompts = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)
+    lm = open_layerwise(tiny_w4a16)
+    outer = len(lm.layout.together(lm.unit_names(OUTER)))  # one unit per tensor outside the layers
+    with pytest.raises(Interrupt):
+        fix_layerwise(lm, tokenizer, out, progress=progress, **prompts)
+    work = work_dir_for(out)
+    assert not out.exists() and (work / "patched-units.txt").read_text().split() == [str(k) for k in range(outer + 1)]
+    assert sorted(p.name for p in (work / "checkpoint").glob("*.safetensors")) == \
+        sorted(p.name for p in tiny_w4a16.glob("*.safetensors"))
+    fix_layerwise(open_layerwise(tiny_w4a16), tokenizer, out, **prompts)
+    assert not work.exists()
+    ours, theirs = tensors(out), tensors(tiny_fixed[0])
+    assert ours.keys() == theirs.keys() and all(raw(ours[k]) == raw(theirs[k]) for k in ours)
+
+
+def test_layerwise_fix_w4a16_equals_the_in_memory_fix(tiny_w4a16, tiny_fixed, short_prompt_args, tmp_path):
+    check_layerwise_reads_lazily(tiny_w4a16)
+    out = check_layerwise_equals_in_memory(tiny_w4a16, tiny_fixed, short_prompt_args, tmp_path)
+    counts = check_rescaled(tiny_w4a16, out, tiny_fixed[1])
+    assert counts["scales moved"] > 0 and counts["dense moved"] > 0
 
 
 # --- the demo (gemma-3-270m), quantized W4A16 group 128 ----------------------------------

@@ -24,7 +24,16 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from halfsafe.vllm.plugin import verified_for_float16
-from tests.test_quantized import VLLM_TOKENS, check_rescaled, fp32_reference, identical_share, tensors, tree
+from tests.test_quantized import (
+    VLLM_TOKENS,
+    check_layerwise_equals_in_memory,
+    check_layerwise_reads_lazily,
+    check_rescaled,
+    fp32_reference,
+    identical_share,
+    tensors,
+    tree,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ROOT / "tests" / "quantized" / "make_awq.py"
@@ -139,6 +148,13 @@ def test_stored_awq_fix_in_fp32_is_the_input_function(tiny_awq, tiny_awq_fixed):
             ref, got = a.model(**ids).logits, b.model(**ids).logits
             # Gemma's gains stored as (1 + w) s - 1 in float16 can round; the scales cannot.
             assert (ref - got).abs().max() <= 1e-3 * ref.abs().max()
+
+
+def test_layerwise_fix_awq_equals_the_in_memory_fix(tiny_awq, tiny_awq_fixed, short_prompt_args, tmp_path):
+    check_layerwise_reads_lazily(tiny_awq)
+    out = check_layerwise_equals_in_memory(tiny_awq, tiny_awq_fixed, short_prompt_args, tmp_path)
+    counts = check_rescaled(tiny_awq, out, tiny_awq_fixed[1], kept=AWQ_KEPT, packed="qweight", scale="scales")
+    assert counts["scales moved"] > 0 and counts["dense moved"] > 0
 
 
 def test_diagnose_reads_awq(tiny_awq, short_prompt_args, capsys):

@@ -15,6 +15,14 @@ write. Every format offers:
 - `scaled_weights(model, scales, dtype)`: the model's parameters as the format would store them
   scaled, read back in `dtype` (what verification runs; the model is untouched);
 - `write(directory, model, tokenizer, scales)`: the fixed checkpoint's files in `directory`.
+And, for layer-wise mode (`layerwise`), which never holds the whole checkpoint:
+- `composite_parameters()`: parameter -> the stored tensors it is made of, for each parameter the
+  format stores as several (a quantized weight), and `read_parameter(name)`, that parameter in
+  fp32 from those tensors alone (dense: none; the layout reads each parameter as itself);
+- `scaled_weights(..., only=names)` on one materialised unit;
+- `streamed_writer(source, scales, dtype)`: `start(target)`, `unit(target, index, count, names)`
+  for each unit in turn, `finish(target, model, tokenizer)`; and `output_bytes(fp32_bytes, dtype)`,
+  the fixed checkpoint's size, for the free-disk check.
 Adding a format is one module here and its tests.
 """
 

@@ -55,13 +55,14 @@ class Checkpoint:
 
 @dataclass
 class _Group:
-    """Stored tensors that make parameters together: one tensor read as is (`converter` None), or
+    """Stored tensors that make parameters together: one tensor read as is (`converter` None),
     several that transformers' `converter` turns into `targets` (per-expert tensors stacked into
-    one, say)."""
+    one, say), or a quantized weight's tensors that its weight format dequantizes (`format`)."""
     first: str  # the parameter transformers names the group by
     converter: object | None
     sources: list[tuple[str, str]] = field(default_factory=list)  # (tensor name on disk, source pattern)
     targets: list[str] = field(default_factory=list)  # the parameters it makes
+    format: object | None = None  # `formats`: reads `first` from `sources` (`read_parameter`)
 
 
 class Layout:
@@ -71,9 +72,12 @@ class Layout:
     `w3` on disk are one stacked `mlp.experts.gate_up_proj` in memory). Reading a parameter reads its
     group's tensors and converts them as `from_pretrained` does; `stored` maps parameters back with
     the reverse of the transforms the checkpoint used, as `save_pretrained` does for a loaded model.
+    A parameter that the checkpoint's weight format stores as several tensors (a quantized weight:
+    packed integers, scales, zero points) is read through the format, as its in-memory loading
+    reads it: under the parameter's own name, dequantized to fp32.
     """
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint):
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, weights_format=None):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
@@ -95,6 +99,14 @@ class Layout:
             converter = by_pattern[pattern] if pattern is not None else None
             group = groups.setdefault(name, _Group(name, converter))
             group.sources.append((key, pattern if converter is not None else key))
+        composite = weights_format.composite_parameters() if weights_format is not None else {}
+        for name, keys in composite.items():
+            if name not in meta:
+                raise HalfsafeError(
+                    f"'{checkpoint.directory}' stores a quantized {name} ({keys[0]}) that the model of its config.json "
+                    f"does not have; the weights and the config do not match: use a complete checkpoint"
+                )
+            groups[name] = _Group(name, None, [(key, key) for key in keys], format=weights_format)
         self._groups: dict[str, _Group] = {}  # parameter -> its group
         for group in groups.values():
             if group.converter is None:
@@ -151,6 +163,9 @@ class Layout:
             )
 
     def _read(self, group: _Group, dtype, device) -> dict[str, torch.Tensor]:
+        if group.format is not None:  # dequantized: fp32 is what it is "as stored" too
+            tensor = group.format.read_parameter(group.first)
+            return {group.first: tensor.to(device=device, dtype=dtype or torch.float32)}
         if group.converter is None:
             return {group.first: self.checkpoint.load(group.sources[0][0], dtype=dtype, device=device)}
         converter = deepcopy(group.converter)  # it collects tensors: one instance per group, as transformers does

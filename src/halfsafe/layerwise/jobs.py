@@ -11,8 +11,6 @@ over. `--out` appears only when everything is written.
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -167,10 +165,12 @@ def fix_layerwise(lm: LayerwiseModel, tokenizer, out: str | Path, *, dtype=torch
 
 
 def check_free_disk(lm: LayerwiseModel, out: Path, dtype: torch.dtype) -> None:
-    """Refuse, before any work, an `out` whose disk cannot take the fixed checkpoint: every
-    parameter in `dtype`, less the shards a resumable run already wrote beside it (kept when it
-    resumes, removed when it starts over: either way that much less is needed)."""
-    size = sum(lm.unit_bytes(unit) for unit in [OUTER, *range(lm.num_layers)]) // 4 * (torch.finfo(dtype).bits // 8)
+    """Refuse, before any work, an `out` whose disk cannot take the fixed checkpoint (the format
+    says its size: dense, every parameter in `dtype`; quantized, the input's shards), less the
+    shards a resumable run already wrote beside it (kept when it resumes, removed when it starts
+    over: either way that much less is needed)."""
+    fp32 = sum(lm.unit_bytes(unit) for unit in [OUTER, *range(lm.num_layers)])
+    size = lm.weights_format.output_bytes(fp32, dtype)
     written = work_dir_for(out) / "checkpoint"
     done = sum(f.stat().st_size for f in written.glob("*.safetensors")) if written.is_dir() else 0
     need, free = max(0, size - done), shutil.disk_usage(out.parent).free
@@ -183,57 +183,29 @@ def check_free_disk(lm: LayerwiseModel, out: Path, dtype: torch.dtype) -> None:
 
 def export_layerwise(lm: LayerwiseModel, fix, dtype: torch.dtype, report, tokenizer, work: Path, out: Path,
                      *, progress=None) -> Path:
-    """One shard per unit: its tensors read, scaled (`formats.scale.scaled_tensor`), cast, and written as
-    `save_pretrained` writes the in-memory model (names and layout through `Layout.stored`: Mixtral's
-    stacked experts go back to one tensor per expert); then config (`pipeline.finalise`: eps, dtype,
-    `halfsafe` block), generation config and tokenizer; then the rename to `out`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig
-
+    """The fixed checkpoint written one unit at a time by the checkpoint's weight format
+    (`formats`: `streamed_writer`): dense, one shard per unit in `dtype`, as `save_pretrained` writes
+    the in-memory model; quantized, the input's shards with each unit's rescaled tensors written in.
+    Then `pipeline.finalise` (eps, dtype, `halfsafe` block), the format's config and other files,
+    and the rename to `out`."""
     from ..fixing.export import publish
     from ..fixing.pipeline import finalise
-    from ..formats.scale import scaled_tensor
 
-    scales = fix.scales()
     target = work / "checkpoint"
     target.mkdir(exist_ok=True)
-    # One shard per layer; outside the layers one per tensor (an embedding can take gigabytes), or
+    writer = lm.weights_format.streamed_writer(lm, fix.scales(), dtype)
+    writer.start(target)
+    # One unit per layer; outside the layers one per tensor (an embedding can take gigabytes), or
     # per set of tensors that transformers converts together.
     outer = lm.layout.together(lm.unit_names(OUTER))
     groups = outer + [lm.unit_names(i) for i in range(lm.num_layers)]
-    weight_map, total = {}, 0
     for k, names in enumerate(groups):
-        shard = target / f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        if not shard.exists():  # a resumed run keeps the shards already written
-            # Read as stored, a set of converted-together tensors at a time: the arithmetic is float64
-            # in slices, so no fp32 copy of the unit is needed.
-            tensors = {}
-            for together in lm.layout.together(names):
-                fixed = {name: scaled_tensor(name, tensor, scales.get(name), dtype)
-                         for name, tensor in lm.load(together, dtype=None).items()}
-                tensors.update((key, tensor.cpu().contiguous()) for key, tensor in lm.layout.stored(fixed).items())
-                del fixed
-            temporary = shard.with_name(shard.name + ".tmp")
-            save_file(tensors, str(temporary), metadata={"format": "pt"})
-            os.replace(temporary, shard)
-            del tensors
-            release_memory(lm.device)
-        with safe_open(str(shard), framework="pt") as handle:  # the header only
-            for key in handle.keys():
-                weight_map[key] = shard.name
-                total += math.prod(handle.get_slice(key).get_shape()) * torch.finfo(dtype).bits // 8
+        writer.unit(target, k, len(groups), names)
+        release_memory(lm.device)
         if progress is not None and k >= len(outer) - 1:  # once outside the layers, then once per layer
             progress()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     finalise(lm.model, fix, dtype, report)
-    lm.model.config.save_pretrained(str(target))
-    try:
-        GenerationConfig.from_pretrained(str(lm.path)).save_pretrained(str(target))
-    except OSError:
-        pass  # the checkpoint has no generation config
-    tokenizer.save_pretrained(str(target))
+    writer.finish(target, lm.model, tokenizer)
     publish(target, out, source=lm.path)
     shutil.rmtree(work, ignore_errors=True)
     return out

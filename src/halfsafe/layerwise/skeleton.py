@@ -40,14 +40,20 @@ class LayerwiseModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..formats import checkpoint_format
+        from ..formats.packed import without_quantization
         from ..model.checks import check_checkpoint_dir
 
         self.path = Path(path)
         check_checkpoint_dir(self.path)
         self.checkpoint = Checkpoint(self.path)
+        # How the checkpoint stores its weights: what reads a quantized weight and writes the fix.
+        self.weights_format = checkpoint_format(self.path)
         self.device = torch.device(device)
         try:
-            config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+            # A plain fp32 skeleton: quantized weights are dequantized by the format as they are read.
+            config = without_quantization(AutoConfig.from_pretrained(str(self.path),
+                                                                     trust_remote_code=trust_remote_code))
             kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
@@ -67,7 +73,7 @@ class LayerwiseModel:
                 if param is not None:
                     full = f"{module_name}.{leaf}" if module_name else leaf
                     by_id.setdefault(id(param), []).append((full, _Slot(module, leaf)))
-        self.layout = Layout(self.model, self.checkpoint)
+        self.layout = Layout(self.model, self.checkpoint, self.weights_format)
         for places in by_id.values():
             names = [n for n, _ in places]
             stored = [n for n in names if n in self.layout]

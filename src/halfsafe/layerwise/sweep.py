@@ -83,14 +83,13 @@ def cast_variant(lm: LayerwiseModel, dtype: torch.dtype):
 
 def fixed_variant(lm: LayerwiseModel, scales: dict, settings: list, plan, dtype: torch.dtype):
     """The model as `fix` leaves it: weights scaled by `scales` (parameter -> `formats.scale.Scale`)
-    in `dtype`, the eps `settings`, the plan's attention kernel."""
-    from ..fixing.apply import scaled_tensor, use_fix
+    as the checkpoint's format stores them (a quantized layer through its rescaled scales), in
+    `dtype`, the eps `settings`, the plan's attention kernel."""
+    from ..fixing.apply import use_fix
 
     @contextmanager
     def context(unit):
-        names = set(lm.unit_names(unit))
-        weights = {n: scaled_tensor(n, p.data, scales.get(n), dtype)
-                   for n, p in lm.model.named_parameters() if n in names and p.is_floating_point()}
+        weights = lm.weights_format.scaled_weights(lm.model, scales, dtype, only=set(lm.unit_names(unit)))
         with use_fix(lm.model, settings, plan, weights):
             yield
 

@@ -87,7 +87,8 @@ def load_model(
 
 def resolve_checkpoint_dir(model: str, *, allow_pickle: bool = False) -> Path:
     """MODEL as a safetensors checkpoint directory, for code that reads the weights itself
-    (layer-wise mode): a local directory, a hub id's snapshot, or the demo's cache."""
+    (layer-wise mode): a local directory, a hub id's snapshot, or the demo's cache; refused in one
+    line if its weight format cannot be written one unit at a time."""
     spec = str(model).strip()
     if spec == DEMO:
         return demo_checkpoint()
@@ -97,13 +98,16 @@ def resolve_checkpoint_dir(model: str, *, allow_pickle: bool = False) -> Path:
                             "(convert a GGUF file with 'halfsafe fix' in memory first)")
     if path.is_dir():
         check_checkpoint_dir(path, allow_pickle)
-        if checkpoint_format(path).quantized:
-            raise HalfsafeError(f"'{spec}' is a quantized checkpoint; layer-wise mode reads dense checkpoints only so "
-                                "far; drop --layerwise (the quantized model is dequantized in memory)")
-        return path
-    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        return _resolve_hub_id(spec, allow_pickle)
-    raise HalfsafeError(f"model path '{spec}' does not exist; pass a local Hugging Face directory, a hub id or 'demo'")
+    elif _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        path = _resolve_hub_id(spec, allow_pickle)
+    else:
+        raise HalfsafeError(f"model path '{spec}' does not exist; pass a local Hugging Face directory, a hub id or "
+                            "'demo'")
+    weights_format = checkpoint_format(path)  # a quantization halfsafe cannot write is refused here
+    if not hasattr(weights_format, "streamed_writer"):
+        raise HalfsafeError(f"'{spec}' is a {weights_format.name} checkpoint, which layer-wise mode cannot write "
+                            "yet; drop --layerwise (the quantized model is dequantized in memory)")
+    return path
 
 
 # --- local directories --------------------------------------------------------------------
