@@ -191,16 +191,30 @@ def test_diagnose_reads_w4a16(tiny_w4a16, short_prompt_args, capsys):
 
 
 def test_subnormal_scale_is_refused_naming_module_and_count(tiny_dense, short_prompt_args, tmp_path, capsys):
-    """float16 scales (the model quantized from float16) and a plan of 2^-5 (--margin 16 instead
-    of 4): scales below 2e-3 (this model's run from 1.0e-3 to 9.5e-3) would fall below float16's
-    smallest normal, 6.1e-5. At the default margin (2^-3) the same checkpoint is fixed."""
+    """float16 scales (the model quantized from float16). This model's nonzero groups have scales
+    from 3.4e-3 to 9.5e-3; its groups of zeros carry llm-compressor's clamped scale, 2^-10.
+    A plan of 2^-5 (--margin 16) takes only those 2^-10 below float16's smallest normal (6.1e-5):
+    a power of two stays exact as a subnormal and their integers are zero, so the library's
+    dequantization is still exactly 2^-5 x the input's and the fix is written. A plan of 2^-8
+    (--margin 128) takes nonzero groups' scales there, with bits lost: refused, naming the module
+    and the count, nothing written."""
     source = quantize(tiny_dense, tmp_path / "w4a16-fp16", "--group-size", "32", "--dtype", "float16")
     untouched = tree(source)
+    written = tmp_path / "fixed-2-5"
+    assert main(["fix", str(source), "--out", str(written), "--margin", "16", *short_prompt_args]) == 0
+    before, after = tensors(source), tensors(written)
+    tiny = torch.finfo(torch.float16).tiny
+    subnormal = [n for n in after if n.endswith(".weight_scale") and (after[n].abs() < tiny).any()]
+    assert subnormal, "no scale turned subnormal: this test would test nothing"
+    for name in subnormal:
+        assert torch.equal(after[name].double(), before[name].double() / 32), name
+    capsys.readouterr()
+
     out = tmp_path / "fixed"
-    assert main(["fix", str(source), "--out", str(out), "--margin", "16", *short_prompt_args]) == 2
+    assert main(["fix", str(source), "--out", str(out), "--margin", "128", *short_prompt_args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "weight_scale (float16) by 2^-5 would leave" in err and "scales outside the normal float16 range" in err
+    assert "weight_scale (float16) by 2^-8 would leave" in err and "scales outside the normal float16 range" in err
     assert err.split("scaling ")[1].startswith("model.layers.") and " of " in err and "lower --margin" in err
     assert not out.exists() and not list(tmp_path.glob(".fixed*"))
     assert tree(source) == untouched
