@@ -160,6 +160,23 @@ def test_fix_w4a16_moves_only_scales_and_dense_writers(tiny_w4a16, tiny_fixed):
     check_config(tiny_w4a16, out)
 
 
+def test_fix_w8a16_channel_scales(tiny_dense, short_prompt_args, tmp_path):
+    """llm-compressor, int8 weights with one scale per output channel (the channel strategy). The same promise: integers byte-identical, the moved channel scales exactly x 2^-3,
+    the fp32 gate bit-identical on the dequantized model."""
+    source = quantize(tiny_dense, tmp_path / "w8a16", "--scheme", "W8A16")
+    config = json.loads((source / "config.json").read_text())["quantization_config"]
+    weights = next(iter(config["config_groups"].values()))["weights"]
+    assert weights["num_bits"] == 8 and weights["strategy"] == "channel"
+    assert checkpoint_format(source).name == "compressed-tensors W8A16 (int8, channel, symmetric)"
+    out, plan_json = tmp_path / "fixed", tmp_path / "plan.json"
+    assert main(["fix", str(source), "--out", str(out), "--plan-json", str(plan_json), *short_prompt_args]) == 0
+    plan = json.loads(plan_json.read_text())
+    assert plan["plan"]["residual_scale"] == 0.125 and plan["exactness"]["equal"]
+    counts = check_rescaled(source, out, plan)
+    assert counts["packed"] == 28 and counts["scales moved"] > 0
+    check_config(source, out)
+
+
 def test_fixed_w4a16_runs_in_plain_transformers_float16(tiny_w4a16, tiny_fixed, tmp_path):
     out, _ = tiny_fixed
     # transformers' compressed-tensors integration, in a process without halfsafe.
