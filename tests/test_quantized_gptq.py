@@ -142,13 +142,15 @@ print("GPTQ-RESULT " + json.dumps({"worst": worst, "format": type(b.model).__nam
 
 def test_stored_gptq_fix_in_fp32_is_the_input_function(tiny_gptq, tiny_gptq_fixed):
     """The written checkpoint, dequantized by GPTQModel and run in fp32, against its input: the
-    scales and the linear writers are exact; Gemma's gains stored as (1 + w) s - 1 can round in
-    their stored dtype, so the bound allows rounding, not more."""
+    scales and the linear writers are exact; Gemma's gains stored as (1 + w) s - 1 round in their
+    stored dtype, here bfloat16 (the fixture's), so the bound allows that rounding, not more: a
+    scale off by a factor of two moves the logits by their own size."""
     out, _ = tiny_gptq_fixed
     result = run_script(STORED_FUNCTION, str(tiny_gptq), str(out), json.dumps(SHORT_PROMPTS))
     assert len(result["worst"]) == len(SHORT_PROMPTS)
-    # measured on the 2-core AMD EPYC: see the report; bound 1e-4 of the largest logit
-    assert max(result["worst"]) <= 1e-4, result
+    # measured on the 2-core AMD EPYC: 6.8e-6, 5.4e-5, 4.4e-6 of the largest logit on the three
+    # prompts (bfloat16 gains; the W4A16 fixture's fp32 gains give 0.0); bound 3e-4
+    assert max(result["worst"]) <= 3e-4, result
 
 
 def test_diagnose_reads_gptq(tiny_gptq, short_prompt_args):
