@@ -53,8 +53,9 @@ def in_gptq_env(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
 
 def make_gptq(source: Path, target: Path, *options: str) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # cwd: GPTQModel writes a logs/ folder into its working directory
     done = subprocess.run([str(gptq_python()), str(MAKE), str(source), str(target), *options], capture_output=True,
-                          text=True, env=env, timeout=1800)
+                          text=True, env=env, timeout=1800, cwd=target.parent)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
     return target
 
