@@ -161,8 +161,9 @@ def test_fix_w4a16_moves_only_scales_and_dense_writers(tiny_w4a16, tiny_fixed):
 
 
 def test_fix_w8a16_channel_scales(tiny_dense, short_prompt_args, tmp_path):
-    """llm-compressor, int8 weights with one scale per output channel (the channel strategy). The same promise: integers byte-identical, the moved channel scales exactly x 2^-3,
-    the fp32 gate bit-identical on the dequantized model."""
+    """llm-compressor, int8 weights with one scale per output channel (the channel strategy). The
+    same promise: integers byte-identical, the moved channel scales exactly x 2^-3, the fp32 gate
+    bit-identical on the dequantized model."""
     source = quantize(tiny_dense, tmp_path / "w8a16", "--scheme", "W8A16")
     config = json.loads((source / "config.json").read_text())["quantization_config"]
     weights = next(iter(config["config_groups"].values()))["weights"]
