@@ -137,6 +137,29 @@ def test_nonzero_group_turning_subnormal_is_refused(tiny_awq, short_prompt_args,
     assert not out.exists() and not list(tmp_path.glob(".fixed*"))
 
 
+def test_fix_of_a_quantized_fixed_model_without_the_block_writes_the_block(tiny_awq_fixed, short_prompt_args,
+                                                                        tmp_path):
+    """The carry-over for a quantizer that drops the `halfsafe` block: `fix` on its output sees
+    no overflow left, plans scale 1, verifies and writes the block; every tensor stays as it was."""
+    fixed, _ = tiny_awq_fixed
+    dropped = tmp_path / "dropped"
+    dropped.mkdir()
+    for path in fixed.iterdir():
+        (dropped / path.name).write_bytes(path.read_bytes())
+    config = json.loads((dropped / "config.json").read_text())
+    del config["halfsafe"]
+    (dropped / "config.json").write_text(json.dumps(config))
+    assert not verified_for_float16(config)
+    out = tmp_path / "carried"
+    assert main(["fix", str(dropped), "--out", str(out), *short_prompt_args]) == 0
+    after = json.loads((out / "config.json").read_text())
+    assert after["halfsafe"]["plan"]["residual_scale"] == 1.0 and verified_for_float16(after)
+    assert after["rms_norm_eps"] == config["rms_norm_eps"]
+    before, written = tensors(dropped), tensors(out)
+    assert before.keys() == written.keys()
+    assert all(torch.equal(before[n].view(torch.uint8), written[n].view(torch.uint8)) for n in before)
+
+
 def test_stored_awq_fix_in_fp32_is_the_input_function(tiny_awq, tiny_awq_fixed):
     from halfsafe.model.loading import load_model
 
