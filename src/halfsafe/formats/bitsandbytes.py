@@ -11,14 +11,21 @@ A quantized Linear stores, under its parameter's own name:
 
 bitsandbytes dequantizes (`functional.dequantize_4bit`):
     absmax = code8[q_absmax] * nested_absmax + nested_offset      # only with double quantization, fp32
-    weight = (code4[q] * absmax).to(dtype)                         # dtype: the stored quant state's
+    weight = code4[q] * absmax                                     # fp32, then cast to the state's dtype
 so multiplying the layer by c = 2^k is multiplying `absmax` by c, or, with double quantization,
 `nested_absmax` and `nested_offset` by c (the uint8 codes are scale-free: a product and a sum of
 two scaled terms scale exactly while they stay normal in fp32). The packed weight, the uint8
-absmax codes and both code tables stay byte-identical. What can lose bits is the last cast: the
-quant state's dtype is usually float16, and a dequantized weight c times smaller can turn
-subnormal there. So every rescaled module is dequantized by bitsandbytes both ways and the fix is
-refused, naming the module and the count, unless each weight is exactly c times the input's.
+absmax codes and both code tables stay byte-identical. halfsafe reads each weight in fp32
+(`dequantize_4bit` with the state's dtype set to float32), where the rescaled layer is exactly c
+times the input's; every rescaled module is dequantized so both ways and refused, naming it and
+the count, unless it is, weight for weight.
+
+The quant state's dtype (float16, for a model loaded in float16 and quantized) is what
+bitsandbytes rounds each dequantized weight to before its matmul: the float16 run's own rounding,
+as a dense float16 checkpoint's weights are rounded. There, a rescaled weight below float16's
+smallest normal (6.1e-5) rounds as a subnormal: on the demo at 2^-3, a few dozen of its 268 M
+weights (`tests/test_quantized_bnb.py`). The fp32 gate does not see that rounding; verification
+in float16 does.
 
 8-bit checkpoints (LLM.int8) are refused: their matmul splits activation columns at
 `llm_int8_threshold`, which a rescaled residual stream moves across, so no rescaling is exact.
@@ -32,7 +39,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dtypes import dtype_name
 from ..errors import HalfsafeError
 from .packed import PackedFormat, scaled_scales
 from .scale import Scale
@@ -110,22 +116,23 @@ class BitsAndBytesFormat(PackedFormat):
 
     def dequantize(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`tensors` with each quantized module's leaves replaced by its `weight` in fp32 [out, in],
-        dequantized by bitsandbytes (`QuantState.from_dict`, `dequantize_4bit`) to the quant
-        state's dtype, as the quantized model computes with it, then widened."""
+        dequantized by bitsandbytes (`QuantState.from_dict`, `dequantize_4bit`)."""
         modules = sorted(name.split("." + STATE)[0] for name in tensors if _is_state(name))
         result = dict(tensors)
         for module in modules:
             leaves = self._leaves(module, tensors)
             for leaf in leaves:
                 del result[f"{module}.{leaf}"]
-            result[f"{module}.weight"] = self._dequantize_module(module, leaves).float()
+            result[f"{module}.weight"] = self._dequantize_module(module, leaves)
         return result
 
     def _dequantize_module(self, module: str, leaves: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One module's weight in the quant state's dtype (float16, usually), by bitsandbytes."""
+        """One module's weight, code x absmax in fp32, by bitsandbytes ([out, in])."""
         state = {leaf.removeprefix("weight."): tensor for leaf, tensor in leaves.items() if leaf != "weight"}
         try:
             quant_state = self._functional.QuantState.from_dict(state, device=torch.device("cpu"))
+            # The state's own dtype (float16, usually) is a run's rounding of the weight, not the weight.
+            quant_state.dtype = torch.float32
             return self._functional.dequantize_4bit(leaves["weight"], quant_state)
         except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
             raise self._failed(exc) from exc
@@ -165,17 +172,16 @@ class BitsAndBytesFormat(PackedFormat):
         return {f"{module}.{leaf}": tensor for leaf, tensor in new.items()}
 
     def _check_exact(self, module: str, entry: Scale, leaves: dict, new: dict) -> None:
-        """bitsandbytes' dequantization of the rescaled module must be exactly the factor times
-        the input's, weight for weight (in float64: no rounding in the comparison)."""
+        """bitsandbytes' fp32 dequantization of the rescaled module must be exactly the factor
+        times the input's, weight for weight (compared in float64: no rounding in the comparison)."""
         if (module, entry.factor) in self._exact:
             return
         old = self._dequantize_module(module, leaves)
         got = self._dequantize_module(module, {**leaves, **new})
         wrong = int((got.double() != old.double() * entry.factor).sum())
         if wrong:
-            raise self._inexact(module, entry, f"{wrong:,} of {old.numel():,} weights, dequantized to "
-                                f"{dtype_name(old.dtype)}, not exactly 2^{round(math.log2(entry.factor))} times "
-                                "the input's (they turn subnormal or overflow)")
+            raise self._inexact(module, entry, f"{wrong:,} of {old.numel():,} weights, dequantized by bitsandbytes "
+                                f"in fp32, not exactly 2^{round(math.log2(entry.factor))} times the input's")
         self._exact.add((module, entry.factor))
 
     def _inexact(self, module: str, entry: Scale, what: str) -> HalfsafeError:
