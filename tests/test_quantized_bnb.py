@@ -316,11 +316,14 @@ def test_demo_bnb_fixed_in_place_runs_in_transformers_float16(demo_bnb, demo_bnb
     counts = check_bnb_rescaled(demo_bnb, out, plan)
     assert counts["packed"] == 126 and counts["absmax moved"] > 0  # 18 layers x 7 linears; lm_head is tied
     check_bnb_config(demo_bnb, out)
-    # How many rescaled weights a float16 run rounds as subnormals (formats/bitsandbytes.py): printed.
-    weights = checkpoint_format(out).dequantize(checkpoint_format(out).stored())
+    # How many weights the rescaling takes below float16's normal range, where a float16 run
+    # rounds them as subnormals (formats/bitsandbytes.py): printed, 611 on the 2-core AMD EPYC.
+    before, after = (checkpoint_format(p) for p in (demo_bnb, out))
+    old, new = before.dequantize(before.stored()), after.dequantize(after.stored())
     tiny = torch.finfo(torch.float16).tiny
-    subnormal = sum(int(((w.abs() < tiny) & (w != 0)).sum()) for n, w in weights.items()
-                    if n.endswith("proj.weight"))
+    subnormal = sum(int(((old[n].abs() >= tiny) & (new[n].abs() < tiny) & (new[n] != 0)).sum())
+                    for n in (f"{m}.weight" for m in before.quantized_modules()))
+    del old, new
     prompts = bundled_prompts(HELDOUT)[:DEMO_GREEDY]
     fixed, unfixed, reference = run_plain([(out, "float16"), (demo_bnb, "float16"), (demo_bnb, "float32")],
                                           prompts, 16)

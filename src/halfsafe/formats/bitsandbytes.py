@@ -23,9 +23,9 @@ the count, unless it is, weight for weight.
 The quant state's dtype (float16, for a model loaded in float16 and quantized) is what
 bitsandbytes rounds each dequantized weight to before its matmul: the float16 run's own rounding,
 as a dense float16 checkpoint's weights are rounded. There, a rescaled weight below float16's
-smallest normal (6.1e-5) rounds as a subnormal: on the demo at 2^-3, a few dozen of its 268 M
-weights (`tests/test_quantized_bnb.py`). The fp32 gate does not see that rounding; verification
-in float16 does.
+smallest normal (6.1e-5) rounds as a subnormal: on the nf4 demo at 2^-3, 611 of the 50,135,040
+weights it rescales (measured, `tests/test_quantized_bnb.py`). The fp32 gate does not see that
+rounding; verification in float16 does.
 
 8-bit checkpoints (LLM.int8) are refused: their matmul splits activation columns at
 `llm_int8_threshold`, which a rescaled residual stream moves across, so no rescaling is exact.
