@@ -108,7 +108,7 @@ class BitsAndBytesFormat(PackedFormat):
             self._module_set = set(self.quantized_modules())
         return self._module_set
 
-    def _leaves(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _module_tensors(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The module's stored tensors in `tensors`, by leaf ('weight', 'weight.absmax', ...)."""
         prefix = module + "."
         return {name[len(prefix):]: tensor for name, tensor in tensors.items()
@@ -120,7 +120,7 @@ class BitsAndBytesFormat(PackedFormat):
         modules = sorted(name.split("." + STATE)[0] for name in tensors if _is_state(name))
         result = dict(tensors)
         for module in modules:
-            leaves = self._leaves(module, tensors)
+            leaves = self._module_tensors(module, tensors)
             for leaf in leaves:
                 del result[f"{module}.{leaf}"]
             result[f"{module}.weight"] = self._dequantize_module(module, leaves)
@@ -151,7 +151,7 @@ class BitsAndBytesFormat(PackedFormat):
         return changes
 
     def _scaled_module(self, module: str, entry: Scale) -> dict[str, torch.Tensor]:
-        leaves = self._leaves(module, self.stored())
+        leaves = self._module_tensors(module, self.stored())
         state_leaf = next(leaf for leaf in leaves if leaf.startswith(STATE))
         if "weight.nested_absmax" in leaves:
             # absmax = code8[q] * nested_absmax + offset: both terms move, the uint8 codes do not.
@@ -202,7 +202,7 @@ class BitsAndBytesFormat(PackedFormat):
         tensors = {}
         for module in moved:
             tensors.update({f"{module}.{leaf}": changes.get(f"{module}.{leaf}", tensor)
-                            for leaf, tensor in self._leaves(module, stored).items()})
+                            for leaf, tensor in self._module_tensors(module, stored).items()})
         dequantized = self.dequantize(tensors) if tensors else {}
         weights = {}
         for name, param in model.named_parameters():
