@@ -7,7 +7,8 @@ by 2^-3", `Scale`); a format maps that onto the tensors it stores and reads them
   `(q - zero) * scale` per group, so multiplying it by a power of two is multiplying its scale
   tensor; the packed integers and zero points stay byte-identical. Everything not quantized is
   dense. Its subclasses: `compressed_tensors` (llm-compressor's W4A16 / W8A16), `awq` (GEMM) and
-  `gptq` (GPTQModel's format, read through GPTQModel).
+  `gptq` (GPTQModel's format, read through GPTQModel); `bitsandbytes` (4-bit nf4 / fp4, whose
+  scale is a block absmax, double-quantized or not) overrides what its naming needs.
 
 `checkpoint_format(directory)` reads config.json's `quantization_config` and returns the format
 object, or refuses (one line, before any weight loads) a quantization halfsafe cannot read and
@@ -55,7 +56,7 @@ def quantization_config(directory: Path) -> dict | None:
 
 def checkpoint_format(directory: Path):
     """The weight format of the checkpoint in `directory`; a HalfsafeError for one halfsafe cannot
-    read and write (bitsandbytes, FP8, AWQ GEMV, compressed-tensors with activation quantization, ...)."""
+    read and write (bitsandbytes 8-bit, FP8, AWQ GEMV, compressed-tensors with activation quantization, ...)."""
     config = quantization_config(directory)
     if config is None:
         return DENSE
@@ -72,9 +73,13 @@ def checkpoint_format(directory: Path):
         from .gptq import GptqFormat
 
         return GptqFormat.open(Path(directory), config)
+    if method == "bitsandbytes":
+        from .bitsandbytes import BitsAndBytesFormat
+
+        return BitsAndBytesFormat.open(Path(directory), config)
     raise HalfsafeError(
         f"'{directory}' holds weights quantized as '{method}' (config.json quantization_config.quant_method), a "
         "format halfsafe cannot read and write yet (it reads dense, compressed-tensors weight-only "
-        "(W4A16, W8A16), AWQ GEMM and GPTQ checkpoints); fix the dense model it came from with 'halfsafe fix', "
-        "then quantize the fixed checkpoint"
+        "(W4A16, W8A16), AWQ GEMM, GPTQ and bitsandbytes 4-bit checkpoints); fix the dense model it came from "
+        "with 'halfsafe fix', then quantize the fixed checkpoint"
     )

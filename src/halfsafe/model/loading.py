@@ -104,7 +104,7 @@ def resolve_checkpoint_dir(model: str, *, allow_pickle: bool = False) -> Path:
         raise HalfsafeError(f"model path '{spec}' does not exist; pass a local Hugging Face directory, a hub id or "
                             "'demo'")
     weights_format = checkpoint_format(path)  # a quantization halfsafe cannot write is refused here
-    if not hasattr(weights_format, "streamed_writer"):
+    if getattr(weights_format, "streamed_writer", None) is None:
         raise HalfsafeError(f"'{spec}' is a {weights_format.name} checkpoint, which layer-wise mode cannot write "
                             "yet; drop --layerwise (the quantized model is dequantized in memory)")
     return path
