@@ -223,8 +223,9 @@ def check_quantized_config(fixed: str, unfixed: str) -> dict:
 
 
 def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int, **engine) -> dict:
-    """Greedy decoding of every prompt in one engine; the chosen token's logprob at each step
-    tells whether the step's logits were finite (vLLM's sampler does not check)."""
+    """Greedy decoding of every prompt in one engine, `tokens` tokens each (the end token masked
+    until then, as the fp32 references' `min_new_tokens`); the chosen token's logprob at each
+    step tells whether the step's logits were finite (vLLM's sampler does not check)."""
     import math
 
     from vllm import LLM, SamplingParams
@@ -233,8 +234,8 @@ def run_greedy(model: str, prompts: list[list[int]], dtype: str, tokens: int, **
     llm = LLM(model=model, dtype=dtype, **{**ENGINE, **engine})
     loaded = time.perf_counter() - start
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
-                           SamplingParams(max_tokens=tokens, temperature=0.0, logprobs=0), use_tqdm=False)
+    params = SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=0.0, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
     generated = time.perf_counter() - start
     finite = []
     for output in outputs:
