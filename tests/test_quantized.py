@@ -110,7 +110,10 @@ def check_rescaled(source: Path, out: Path, plan: dict, *, kept: tuple[str, ...]
     return counts
 
 
-def check_config(source: Path, out: Path) -> dict:
+def check_config(source: Path, out: Path, *, method: str = "compressed-tensors",
+                 files: tuple[str, ...] = ("recipe.yaml", "tokenizer.json", "generation_config.json")) -> dict:
+    """config.json of a fix in place: quantization_config as it was, float16 and the verified
+    block, eps x s^2, nothing else changed; `files` copied byte for byte; the card names `method`."""
     before = json.loads((source / "config.json").read_text())
     after = json.loads((out / "config.json").read_text())
     assert after["quantization_config"] == before["quantization_config"]
@@ -119,9 +122,9 @@ def check_config(source: Path, out: Path) -> dict:
     assert after["rms_norm_eps"] == before["rms_norm_eps"] * s * s
     changed = {k for k in before if before[k] != after.get(k)}
     assert changed <= {"rms_norm_eps", "dtype"}, changed
-    for name in (source / "recipe.yaml", source / "tokenizer.json", source / "generation_config.json"):
-        assert (out / name.name).read_bytes() == name.read_bytes()
-    assert "Its weights stay quantized (compressed-tensors" in (out / "README.md").read_text()
+    for name in files:
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert f"Its weights stay quantized ({method}" in (out / "README.md").read_text()
     return after
 
 

@@ -26,6 +26,7 @@ from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from halfsafe.vllm.plugin import verified_for_float16
 from tests.test_quantized import (
     VLLM_TOKENS,
+    check_config,
     check_layerwise_equals_in_memory,
     check_layerwise_reads_lazily,
     check_rescaled,
@@ -47,18 +48,6 @@ def make_awq(source: Path, target: Path, group_size: int) -> Path:
                           capture_output=True, text=True, env=engine_env(), timeout=900)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
     return target
-
-
-def check_awq_config(source: Path, out: Path) -> None:
-    before = json.loads((source / "config.json").read_text())
-    after = json.loads((out / "config.json").read_text())
-    assert after["quantization_config"] == before["quantization_config"]
-    assert after["dtype"] == "float16" and verified_for_float16(after)
-    s = after["halfsafe"]["plan"]["residual_scale"]
-    assert after["rms_norm_eps"] == before["rms_norm_eps"] * s * s
-    assert {k for k in before if before[k] != after.get(k)} <= {"rms_norm_eps", "dtype"}
-    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
-    assert "Its weights stay quantized (awq" in (out / "README.md").read_text()
 
 
 # --- a tiny planted Gemma 3 (group 32: its layers are 64 wide) -----------------------------
@@ -104,7 +93,7 @@ def test_fix_awq_moves_only_scales_and_dense_writers(tiny_awq, tiny_awq_fixed):
     assert plan["plan"]["residual_scale"] == 0.125 and plan["exactness"]["equal"]
     counts = check_rescaled(tiny_awq, out, plan, kept=AWQ_KEPT, packed="qweight", scale="scales")
     assert counts["packed"] == 28 and counts["scales moved"] > 0 and counts["dense moved"] > 0
-    check_awq_config(tiny_awq, out)
+    check_config(tiny_awq, out, method="awq", files=("tokenizer.json",))
 
 
 def test_subnormal_scales_of_zero_groups_are_exact(tiny_awq, tiny_awq_fixed):
@@ -234,7 +223,7 @@ def test_vllm_serves_fixed_awq_in_float16_with_the_plugin(demo_awq, demo_awq_fix
     assert plan["plan"]["residual_scale"] == 0.125 and plan["exactness"]["equal"]
     counts = check_rescaled(demo_awq, out, plan, kept=AWQ_KEPT, packed="qweight", scale="scales")
     assert counts["packed"] == 126 and counts["scales moved"] > 0
-    check_awq_config(demo_awq, out)
+    check_config(demo_awq, out, method="awq", files=("tokenizer.json",))
     reference = fp32_reference(demo_awq, tmp_path)
 
     config = run_checks("quantized-config", out, demo_awq, tmp_path=tmp_path)

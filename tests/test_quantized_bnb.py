@@ -27,9 +27,8 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.roles import Roles
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
-from halfsafe.vllm.plugin import verified_for_float16
 from tests.test_fixing import reload_in_plain_transformers
-from tests.test_quantized import raw, tensors, tree
+from tests.test_quantized import check_config, raw, tensors, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ROOT / "tests" / "quantized" / "make_bnb.py"
@@ -95,18 +94,6 @@ def check_bnb_rescaled(source: Path, out: Path, plan: dict) -> dict[str, int]:
     return counts
 
 
-def check_bnb_config(source: Path, out: Path) -> None:
-    before = json.loads((source / "config.json").read_text())
-    after = json.loads((out / "config.json").read_text())
-    assert after["quantization_config"] == before["quantization_config"]
-    assert after["dtype"] == "float16" and verified_for_float16(after)
-    s = after["halfsafe"]["plan"]["residual_scale"]
-    assert after["rms_norm_eps"] == before["rms_norm_eps"] * s * s
-    assert {k for k in before if before[k] != after.get(k)} <= {"rms_norm_eps", "dtype"}
-    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
-    assert "Its weights stay quantized (bitsandbytes" in (out / "README.md").read_text()
-
-
 # --- a tiny planted Gemma 3, nf4 with and without double quantization --------------------
 
 VARIANTS = {"nf4": (), "nf4-double": ("--double-quant",)}
@@ -163,7 +150,7 @@ def test_fix_bnb_moves_only_absmax(tiny_bnb, tiny_bnb_fixed):
     counts = check_bnb_rescaled(tiny_bnb, out, plan)
     assert counts["packed"] == 28 and counts["dense moved"] > 0
     assert counts["absmax moved"] > 0 and counts["absmax moved"] + counts["absmax kept"] == 28
-    check_bnb_config(tiny_bnb, out)
+    check_config(tiny_bnb, out, method="bitsandbytes", files=("tokenizer.json",))
 
 
 def test_written_bnb_fix_dequantizes_to_exactly_the_factor(tiny_bnb, tiny_bnb_fixed):
@@ -314,7 +301,7 @@ def test_demo_bnb_fixed_in_place_runs_in_transformers_float16(demo_bnb, demo_bnb
     assert plan["verification"]["fixed"]["nonfinite_share"] == 0
     counts = check_bnb_rescaled(demo_bnb, out, plan)
     assert counts["packed"] == 126 and counts["absmax moved"] > 0  # 18 layers x 7 linears; lm_head is tied
-    check_bnb_config(demo_bnb, out)
+    check_config(demo_bnb, out, method="bitsandbytes", files=("tokenizer.json",))
     # How many weights the rescaling takes below float16's normal range, where a float16 run
     # rounds them as subnormals (formats/bitsandbytes.py): printed, 611 on the 2-core AMD EPYC.
     before, after = (checkpoint_format(p) for p in (demo_bnb, out))

