@@ -37,7 +37,6 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import HalfsafeError
 from .packed import PackedFormat, scaled_scales
@@ -194,11 +193,8 @@ class BitsAndBytesFormat(PackedFormat):
             "instead (load_in_4bit)"
         )
 
-    def scaled_weights(self, model: nn.Module, scales: dict[str, Scale], dtype: torch.dtype, *,
-                       only: set[str] | None = None) -> dict[str, torch.Tensor]:
-        """The model's parameters as the fixed checkpoint stores them, the rescaled modules
-        dequantized by bitsandbytes, cast to `dtype` (the model is untouched)."""
-        changes = self.stored_changes(scales)
+    def _moved_tensors(self, changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every stored tensor of the modules whose absmax (or nested absmax) `changes` moves."""
         stored = self.stored()
         moved = {module for module in self._modules()
                  if f"{module}.weight.absmax" in changes or f"{module}.weight.nested_absmax" in changes}
@@ -206,18 +202,7 @@ class BitsAndBytesFormat(PackedFormat):
         for module in moved:
             tensors.update({f"{module}.{leaf}": changes.get(f"{module}.{leaf}", tensor)
                             for leaf, tensor in self._module_tensors(module, stored).items()})
-        dequantized = self.dequantize(tensors) if tensors else {}
-        weights = {}
-        for name, param in model.named_parameters():
-            if not param.is_floating_point() or (only is not None and name not in only):
-                continue
-            if name in dequantized:
-                weights[name] = dequantized[name].to(dtype)
-            elif name in changes:
-                weights[name] = changes[name].to(dtype)
-            else:
-                weights[name] = param.detach().to(dtype)
-        return weights
+        return tensors
 
 
 _TINY32 = torch.finfo(torch.float32).tiny

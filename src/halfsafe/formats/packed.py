@@ -194,16 +194,20 @@ class PackedFormat:
                 )
         return new
 
+    def _moved_tensors(self, changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every stored tensor of the quantized modules whose scale `changes` moves, as changed."""
+        moved = {name.rpartition(".")[0] for name in changes if name.endswith("." + self.SCALE)}
+        return {name: changes[name] if name in changes else self.tensor(name)
+                for module in moved for name in self._leaves(module)}
+
     def scaled_weights(self, model: nn.Module, scales: dict[str, Scale], dtype: torch.dtype, *,
                        only: set[str] | None = None) -> dict[str, torch.Tensor]:
         """The model's parameters as the fixed checkpoint stores them, dequantized by the format's
         library and cast to `dtype`: what the exported checkpoint computes (the model is untouched).
         `only`: those parameters (the others may be on the meta device: a layer-wise unit)."""
         changes = self.stored_changes(scales if only is None else {n: s for n, s in scales.items() if n in only})
-        moved = {name.rpartition(".")[0] for name in changes if name.endswith("." + self.SCALE)}
         # Only the moved layers are dequantized again; the others' dequantized weights are the model's.
-        tensors = {name: changes[name] if name in changes else self.tensor(name)
-                   for module in moved for name in self._leaves(module)}
+        tensors = self._moved_tensors(changes)
         dequantized = self.dequantize(tensors) if tensors else {}
         weights = {}
         for name, param in model.named_parameters():
