@@ -124,7 +124,7 @@ def measure(model_type: str) -> dict:
         vocab = model.get_input_embeddings().weight.shape[0]
         batch = prompts(vocab)
         roles = derive_roles(model)
-        row["planted"] = plant_massive_activation(model, layers, layers_path, roles, batch[0])
+        row["planted"] = plant_massive_activation(model, layers, layers_path, roles, batch)
         roles = derive_roles(model)  # again on the planted model: what `fix` would see
         row["writers"], row["readers"] = len(roles.writers), len(roles.readers)
         reference = logits_in(model, batch, torch.float32)

@@ -99,9 +99,10 @@ def reload_plainly(paths, ids, tmp_path):
     return torch.load(out)
 
 
-# Newly exportable types, one of each family the issue names: Qwen 3.5, Qwen3-Next, Llama 4, Granite 4;
-# and Dots3, whose tiny config saved no checkpoint until the shrinking met its class's validation.
-RELOADED = ["qwen3_5_text", "qwen3_next", "llama4_text", "granitemoehybrid", "dots3_note"]
+# Newly exportable types, one of each family the issue names: Qwen 3.5 (dense and MoE), Qwen3-Next,
+# Llama 4, Granite 4; and Dots3, whose tiny config saved no checkpoint until the shrinking met its
+# class's validation.
+RELOADED = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "llama4_text", "granitemoehybrid", "dots3_note"]
 
 
 def test_bounded_checkpoints_reload_in_plain_transformers_with_the_eps_and_delta_recorded(tmp_path):

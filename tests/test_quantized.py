@@ -366,23 +366,35 @@ DEMO_HELDOUT = 8  # of the 48 bundled held-out prompts: the test's time; the REA
 RELOAD_GREEDY = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-paths, prompts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-result = {}
-for path in paths:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+runs, prompts, tokens = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+result = []
+for path, dtype in runs:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    runs = []
+    found = []
     with torch.inference_mode():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")
             finite = bool(torch.isfinite(model(**ids).logits).all())
             # float16 is slow on a CPU: an unfixed model's NaN logits are the answer already.
-            out = model.generate(**ids, do_sample=False, max_new_tokens=16) if finite else ids["input_ids"]
-            runs.append({"finite": finite, "tokens": out[0, ids["input_ids"].shape[1]:].tolist()})
-    result[path] = runs
+            out = (model.generate(**ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+                   if finite else ids["input_ids"])
+            found.append({"finite": finite, "tokens": out[0, ids["input_ids"].shape[1]:].tolist()})
+    result.append(found)
 print("RESULT " + json.dumps(result))
 assert not any(name.startswith("halfsafe") for name in sys.modules)
 """
+
+
+def run_plain(runs: list[tuple[Path, str]], prompts: list[str], tokens: int) -> list[list[dict]]:
+    """Greedy runs of checkpoints in plain transformers, `tokens` each (the end token masked until
+    then), one prompt at a time, in a process without halfsafe: [(checkpoint, load dtype)] ->
+    per checkpoint, per prompt {finite, tokens}."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", RELOAD_GREEDY, json.dumps([(str(p), d) for p, d in runs]),
+                           json.dumps(prompts), str(tokens)], capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
 @pytest.fixture(scope="session")
@@ -419,14 +431,10 @@ def test_demo_w4a16_fix_in_place(demo_w4a16, demo_w4a16_fixed, tmp_path):
     # Plain transformers in float16, 16 greedy tokens on 3 prompts: the fixed W4A16 is finite and
     # never emits token 0; the unfixed W4A16 is the seed failure.
     prompts = ["Water boils at", "def fibonacci(n):", "上海有个非常出名的地方，"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", RELOAD_GREEDY, json.dumps([str(out), str(demo_w4a16)]),
-                           json.dumps(prompts)], capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    for run in result[str(out)]:
+    fixed, unfixed = run_plain([(out, "float16"), (demo_w4a16, "float16")], prompts, 16)
+    for run in fixed:
         assert run["finite"] and 0 not in run["tokens"] and len(run["tokens"]) == 16
-    assert not any(run["finite"] for run in result[str(demo_w4a16)])
+    assert not any(run["finite"] for run in unfixed)
 
 
 @pytest.mark.slow

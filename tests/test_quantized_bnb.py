@@ -28,7 +28,7 @@ from halfsafe.formats import checkpoint_format
 from halfsafe.roles import Roles
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from tests.test_fixing import reload_in_plain_transformers
-from tests.test_quantized import check_config, raw, tensors, tree
+from tests.test_quantized import check_config, raw, run_plain, tensors, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ROOT / "tests" / "quantized" / "make_bnb.py"
@@ -232,38 +232,6 @@ def test_bnb_8bit_is_refused(tiny_bnb_dense, tmp_path, capsys):
 
 DEMO_HELDOUT = 8  # of the 48 bundled held-out prompts: the fix's verification, for the test's time
 DEMO_GREEDY = 8  # held-out prompts x 16 tokens for the greedy share
-
-RELOAD_BNB = r"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-runs, prompts, tokens = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-result = []
-for path, dtype in runs:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    found = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")
-            finite = bool(torch.isfinite(model(**ids).logits).all())
-            # float16 is slow on a CPU: an unfixed model's NaN logits are the answer already.
-            out = (model.generate(**ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
-                   if finite else ids["input_ids"])
-            found.append({"finite": finite, "tokens": out[0, ids["input_ids"].shape[1]:].tolist()})
-    result.append(found)
-print("RESULT " + json.dumps(result))
-assert not any(name.startswith("halfsafe") for name in sys.modules)
-"""
-
-
-def run_plain(runs: list[tuple[Path, str]], prompts: list[str], tokens: int) -> list[list[dict]]:
-    """Greedy runs of bitsandbytes checkpoints in plain transformers, one prompt at a time, in a
-    process without halfsafe: [(checkpoint, load dtype)] -> per-prompt results."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", RELOAD_BNB, json.dumps([(str(p), d) for p, d in runs]),
-                           json.dumps(prompts), str(tokens)], capture_output=True, text=True, env=env, timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
 @pytest.fixture(scope="session")

@@ -216,14 +216,16 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
 
 
 def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_path: str, roles,
-                             ids: torch.Tensor | None = None) -> float:
+                             ids: torch.Tensor | list[torch.Tensor] | None = None) -> float:
     """Make the stream leaving the first layer reach MASSIVE in CHANNEL: one output row of a
     writer of that layer (a projection's row, or a post-norm's gain entry, `roles` tell which
     and its gain convention) is scaled up. The embedding is left alone: a tied embedding is the
     LM head too, and a giant entry there would make the logits themselves overflow, which no
-    real model does. `ids` ([1, T], default BOS and three tokens): the prompt it must overflow
-    on. Returns the value reached (0 if no writer of the first layer has a row)."""
-    ids = torch.tensor([[BOS, 7, 8, 9]]) if ids is None else ids
+    real model does. `ids` ([1, T] or a list of them, default BOS and three tokens): the prompts
+    it must overflow on; MASSIVE is the largest value over all of them (a routed MoE writes the
+    channel from other experts on other prompts: planted on one prompt, tiny Qwen 3.5 MoE reached
+    194,844 on the next). Returns the value reached (0 if no writer of the first layer has a row)."""
+    ids = [torch.tensor([[BOS, 7, 8, 9]])] if ids is None else [ids] if torch.is_tensor(ids) else list(ids)
     hidden = model.get_input_embeddings().weight.shape[1]
     params = dict(model.named_parameters())
     rows = [(name, offset) for name, (exponent, offset) in roles.scales.items()
@@ -251,9 +253,10 @@ def plant_massive_activation(model: nn.Module, layers: nn.ModuleList, layers_pat
     return reached
 
 
-def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: float, ids: torch.Tensor) -> float:
+def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: float,
+               prompts: list[torch.Tensor]) -> float:
     """Scale entry CHANNEL of `param` (a gain, a bias, or a weight row) until the stream entering
-    `probe` reaches MASSIVE there; returns the value reached."""
+    `probe` reaches MASSIVE there, at its largest over `prompts`; returns the value reached."""
     seen = []
     with HookSet() as hooks:
         hooks.pre_forward(probe, lambda m, args, kwargs: seen.append(
@@ -263,11 +266,12 @@ def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: 
                 param[CHANNEL] = 1.0 - offset  # a zero-initialised bias: give it something to scale
             for _ in range(3):
                 seen.clear()
-                model(input_ids=ids, use_cache=False)
-                if not seen or seen[0] == 0:
+                for ids in prompts:
+                    model(input_ids=ids, use_cache=False)
+                if not seen or max(seen) == 0:
                     return 0.0
-                factor = MASSIVE / seen[0]
+                factor = MASSIVE / max(seen)
                 if abs(factor - 1) < 0.05:
                     break
                 param[CHANNEL] = (param[CHANNEL] + offset) * factor - offset
-    return seen[0] if seen else 0.0
+    return max(seen) if seen else 0.0

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import HalfsafeError
-from .gate import scaled_parameters, swapped
+from .gate import apply_roles, scaled_parameters, swapped
 from .provenance import text_config
 from .roles import Roles
 
@@ -157,12 +157,4 @@ def distance(scaled: list[str], reference: list[torch.Tensor], exported: list[to
 def apply_as_exported(model: nn.Module, roles: Roles, s: float, scaled_fields, interior=None) -> nn.Module:
     """Rescale `model` (fp32) in place by s, every eps set as a checkpoint stored with
     `scaled_fields` x s^2 will reload it: what `benchmarks/arch_coverage.py` saves and reloads."""
-    params = dict(model.named_parameters())
-    new = scaled_parameters(model, roles, s, interior)
-    settings = export_settings(model, roles, s, scaled_fields)
-    with torch.no_grad():
-        for name, value in new.items():
-            params[name].data = value
-    for obj, attr, value in settings:
-        setattr(obj, attr, value)
-    return model
+    return apply_roles(model, roles, s, interior, settings=export_settings(model, roles, s, scaled_fields))

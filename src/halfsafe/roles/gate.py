@@ -96,11 +96,13 @@ def swapped(model: nn.Module, new: dict[str, torch.Tensor], settings):
             setattr(obj, attr, value)
 
 
-def apply_roles(model: nn.Module, roles: Roles, s: float, interior: dict[str, float] | None = None) -> nn.Module:
-    """Rescale `model` in place by s (weights and eps): the only function here that keeps a change."""
+def apply_roles(model: nn.Module, roles: Roles, s: float, interior: dict[str, float] | None = None,
+                settings: list[tuple[object, str, float]] | None = None) -> nn.Module:
+    """Rescale `model` in place by s (weights and eps): the only function here that keeps a change.
+    `settings`: the eps to give, (object, attribute, value); default every eps as exact in memory."""
     params = dict(model.named_parameters())
     new = scaled_parameters(model, roles, s, interior)
-    settings = eps_settings(model, roles, s)
+    settings = eps_settings(model, roles, s) if settings is None else settings
     with torch.no_grad():
         for name, value in new.items():
             params[name].data = value
