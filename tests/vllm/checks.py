@@ -293,8 +293,9 @@ def main() -> None:
         result = check_unfixed(args[0], args[1], json.load(open(args[2])))
     elif mode == "quantized-config":
         result = check_quantized_config(*args)
-    elif mode == "greedy":
-        result = run_greedy(args[0], json.load(open(args[1])), args[2], int(args[3]))
+    elif mode == "greedy":  # MODEL PROMPTS DTYPE TOKENS [ENGINE-JSON]
+        engine = json.loads(args[4]) if len(args) > 4 else {}
+        result = run_greedy(args[0], json.load(open(args[1])), args[2], int(args[3]), **engine)
     elif mode == "lifted-greedy":
         result = run_greedy(lifted_copy(args[0], args[1]), json.load(open(args[2])), "float16", int(args[3]))
     elif mode == "bounded":
