@@ -9,9 +9,10 @@ into it. Nested configs (a multimodal model's text and vision configs) are shrun
 What a config class derives from those sizes (Zamba 2's Mamba head width) it derives again; the
 few fields a class's defaults leave unset though its model needs them are data (UNSET_FIELDS).
 
-The plant: the input embedding of token BOS gets MASSIVE in one channel, so the residual stream
-carries ~1e5 there from the first layer on (NUMERICS.md section 1: the real gemma-3-270m peaks at
-103,795, on `<bos>`). Plain float16 overflows; rescaled by 2^-3 it does not.
+The plant: one output row of a first-layer writer is scaled up until the residual stream leaving
+that layer carries MASSIVE (1e5) in one channel, at its largest over the prompts given
+(NUMERICS.md section 1: the real gemma-3-270m peaks at 103,795, on `<bos>`). Plain float16
+overflows; rescaled by 2^-3 it does not.
 """
 
 from __future__ import annotations
