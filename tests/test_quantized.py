@@ -517,14 +517,17 @@ def identical_share(runs: list[list[int]], reference: list[list[int]]) -> float:
 
 
 @pytest.mark.slow
-def test_vllm_serves_fixed_w4a16_in_float16_with_the_plugin(demo_w4a16, demo_w4a16_fixed, w4a16_reference, tmp_path):
-    from tests.test_vllm import engine_env, run_checks
+def test_vllm_serves_fixed_w4a16_in_float16_with_the_plugin(demo_w4a16, demo_w4a16_fixed, vllm_kernels, request,
+                                                            tmp_path):
+    from tests.test_vllm import engine_env, require_wna16, run_checks
 
     out, _ = demo_w4a16_fixed
     config = run_checks("quantized-config", out, demo_w4a16, tmp_path=tmp_path)
     assert config["fixed_float16"] == config["fixed_auto"] == "torch.float16"
     # The unfixed W4A16 keeps vLLM's own refusal: the plugin does not lift it.
     assert "The model type 'gemma3_text' does not support float16" in config["unfixed_float16"]
+    require_wna16(vllm_kernels)
+    w4a16_reference = request.getfixturevalue("w4a16_reference")
 
     fixed = run_checks("greedy", out, w4a16_reference["prompts"], "float16", VLLM_TOKENS, tmp_path=tmp_path)
     assert fixed["dtype"] == "torch.float16" and fixed["quantization"] == "compressed-tensors"

@@ -216,19 +216,20 @@ def demo_awq_fixed(demo_awq) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_vllm_serves_fixed_awq_in_float16_with_the_plugin(demo_awq, demo_awq_fixed, tmp_path):
-    from tests.test_vllm import engine_env, run_checks
+def test_vllm_serves_fixed_awq_in_float16_with_the_plugin(demo_awq, demo_awq_fixed, vllm_kernels, tmp_path):
+    from tests.test_vllm import engine_env, require_wna16, run_checks
 
     out, plan = demo_awq_fixed
     assert plan["plan"]["residual_scale"] == 0.125 and plan["exactness"]["equal"]
     counts = check_rescaled(demo_awq, out, plan, kept=AWQ_KEPT, packed="qweight", scale="scales")
     assert counts["packed"] == 126 and counts["scales moved"] > 0
     check_config(demo_awq, out, method="awq", files=("tokenizer.json",))
-    reference = fp32_reference(demo_awq, tmp_path)
 
     config = run_checks("quantized-config", out, demo_awq, tmp_path=tmp_path)
     assert config["fixed_float16"] == "torch.float16"
     assert "The model type 'gemma3_text' does not support float16" in config["unfixed_float16"]
+    require_wna16(vllm_kernels)
+    reference = fp32_reference(demo_awq, tmp_path)
     fixed = run_checks("greedy", out, reference["prompts"], "float16", VLLM_TOKENS, tmp_path=tmp_path)
     assert fixed["dtype"] == "torch.float16" and fixed["quantization"] == "awq"
     assert all(fixed["finite"]) and not any(0 in run for run in fixed["greedy"])

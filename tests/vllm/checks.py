@@ -214,6 +214,16 @@ def check_unfixed(demo: str, fixed: str, prompts: list[list[int]]) -> dict:
     return result
 
 
+def check_kernels() -> dict:
+    """Which of vLLM's CPU builds this CPU loads, and whether it has the weight-only int4/int8
+    kernel that W4A16, AWQ and GPTQ run on (`cpu_gemm_wna16`: in the AVX512 builds only)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return {"avx512": bool(torch.cpu._is_avx512_supported()), "wna16": hasattr(torch.ops._C, "cpu_gemm_wna16")}
+
+
 def check_quantized_config(fixed: str, unfixed: str) -> dict:
     from vllm.plugins import load_general_plugins
 
@@ -291,6 +301,8 @@ def main() -> None:
         result = check_refused(args[0], json.loads(args[1]))
     elif mode == "unfixed":
         result = check_unfixed(args[0], args[1], json.load(open(args[2])))
+    elif mode == "kernels":
+        result = check_kernels()
     elif mode == "quantized-config":
         result = check_quantized_config(*args)
     elif mode == "greedy":  # MODEL PROMPTS DTYPE TOKENS [ENGINE-JSON]
