@@ -88,12 +88,26 @@ def test_a_value_the_stream_writes_and_linear_ops_read_is_compensated_at_those_o
 
 
 def test_a_parameter_the_probe_never_reached_is_a_refusal_not_a_guess():
-    """With 256 identity experts beside 4 routed ones (LongCat-Flash's ratio at a tiny size) no
-    probe token reaches a routed expert: their stacked weights have no role the trace can show and
-    no analogue to follow, and the gate could not see them either."""
-    roles = derive_roles(tiny_model("longcat_flash", zero_expert_num=256))
-    assert any(r.startswith("model.layers.0.mlp.experts.gate_up_proj was never used by the probe") for r in
-               roles.refusals), roles.refusals
+    """TrOCR's cross-attention reads an encoder's output, which a forward pass on token ids alone
+    never computes: its key and value projections have no role the trace can show and no analogue
+    to follow, and the gate could not see them either."""
+    roles = derive_roles(tiny_model("trocr"))
+    assert any(r.startswith("model.decoder.layers.0.encoder_attn.k_proj.weight was never used by the probe")
+               for r in roles.refusals), roles.refusals
+
+
+def test_routed_experts_reached_with_zero_weight_get_their_roles_from_the_trace():
+    """With 256 identity experts beside 4 routed ones (LongCat-Flash's ratio at a tiny size), every
+    token the router sends to an identity expert also runs a routed expert with weight 0
+    (transformers 5.25's `LongcatFlashMoE`): the routed experts are traced, their input projections
+    read the scaled stream (x 1/s) and their output projections write it (x s). Bit-exact."""
+    model = tiny_model("longcat_flash", zero_expert_num=256)
+    roles = derive_roles(model)
+    assert not roles.refused, roles.refusals
+    assert roles.scales["model.layers.0.mlp.experts.gate_up_proj"] == [-1, 0.0]
+    assert roles.scales["model.layers.0.mlp.experts.down_proj"] == [1, 0.0]
+    gate = exactness_gate(model, roles, PROMPTS)
+    assert gate.passed and gate.equal, gate.describe()
 
 
 def _reloaded_logits(model, roles, directory):

@@ -151,7 +151,7 @@ def _writers(trace: Trace, roles: Roles, require, reading: set[str]) -> None:
     for add, operand, is_start in sources:
         visited: set[int] = set()
         try:
-            found = scalers(trace, operand, top=is_start, visited=visited)
+            found = scalers(trace, operand, top=is_start, visited=visited, reads_checked=not is_start)
         except Unscalable as error:
             what = "what enters the first layer" if is_start else "a value added into the residual stream"
             roles.refusals.append(f"{what} cannot be scaled: {error}")

@@ -123,10 +123,11 @@ def reads_outside(trace: Trace, values: set[int], allowed: set[int]) -> list[tup
 
 
 def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None,
-            visited: set | None = None) -> list[Scaling]:
+            visited: set | None = None, reads_checked: bool = False) -> list[Scaling]:
     """The scalings that multiply node `n`'s value by s. `top`: `n` may itself be tagged as
     the stream (a layer's input whose producer is being looked for). `visited` collects the
-    nodes the walk went through."""
+    nodes the walk went through. `reads_checked`: the caller compensates or refuses every other
+    read of the visited nodes, so a product may scale a factor that the other is computed from."""
     memo = {} if memo is None else memo
     if visited is not None:
         visited.add(n)
@@ -135,7 +136,7 @@ def scalers(trace: Trace, n: int, *, top: bool = True, memo: dict | None = None,
         return memo[n]
     if not top and n in trace.stream:
         raise Unscalable("the value loops back to the residual stream", trace.nodes[n].module)
-    result = _scalers(trace, n, memo, visited)
+    result = _scalers(trace, n, memo, visited, reads_checked)
     memo[n] = result
     return result
 
@@ -157,21 +158,22 @@ def _linear_params(trace: Trace, node, n: int) -> list[Scaling] | None:
     return [Scaling(name, 0.0, n) for name, _ in found]
 
 
-def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None) -> list[Scaling]:
+def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None,
+             reads_checked: bool = False) -> list[Scaling]:
     if n in trace.params:
         return [Scaling(trace.params[n], 0.0, n)]
     node = trace.nodes[n]
     op, module = node.op, node.module
     inputs = [i for i in node.inputs if _floating(trace, i)]
 
-    def walk(i: int) -> list[Scaling]:
-        return scalers(trace, i, top=False, memo=memo, visited=visited)
+    def walk(i: int, into: set | None = visited) -> list[Scaling]:
+        return scalers(trace, i, top=False, memo=memo, visited=into, reads_checked=reads_checked)
 
-    def first_of(candidates: list[int]) -> list[Scaling]:
+    def first_of(candidates: list[int], into: set | None = visited) -> list[Scaling]:
         errors = []
         for i in candidates:
             try:
-                return walk(i)
+                return walk(i, into)
             except Unscalable as error:
                 errors.append(error)
         raise errors[0] if errors else Unscalable(f"'{op}' has no operand to scale", module)
@@ -207,7 +209,21 @@ def _scalers(trace: Trace, n: int, memo: dict, visited: set | None = None) -> li
         independent = [i for i in inputs if not any(_depends(trace, j, i) for j in inputs if j != i)]
         if not independent:
             raise Unscalable(f"'{op}' multiplies a value by a function of itself (a norm without a gain)", module)
-        return first_of(independent)
+        if not reads_checked or visited is None:
+            return first_of(independent)
+        trial: set[int] = set()  # a failed walk's nodes must not join the path
+        try:
+            found = first_of(independent, trial)
+            visited |= trial
+            return found
+        except Unscalable:
+            # x * w(x), w a routing weight computed from x (LongCat-Flash's identity experts, transformers
+            # >= 5.25): x scales and w keeps its value if what w reads of x is compensated. The caller
+            # checks every read of the visited nodes and refuses any it cannot compensate.
+            dependent = [i for i in inputs if i not in independent]
+            if not dependent:
+                raise
+            return first_of(dependent)
     if op in DIV and inputs and isinstance(node.args[0], torch.Tensor) and node.inputs[0] == inputs[0]:
         return walk(inputs[0])
     if op in ADD:
