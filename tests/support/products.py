@@ -1,0 +1,52 @@
+"""The demo's test products, each built once and reused across runs (tests/support/cache.py):
+the demo in a quantized format, its fix, and fp32 references.
+
+    source = quantized_demo("w4a16", make, MAKE)      # make(demo_dir, target) -> target
+    fixed, plan = fixed_product("w4a16", source, run_fix, heldout=8)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support.cache import ROOT, build_once, json_once, product_id
+
+LOADING = ROOT / "src" / "halfsafe" / "model" / "loading.py"  # how the dense demo is made
+
+
+def quantized_demo(fmt: str, make: Callable[[Path, Path], object], *makers: Path) -> Path:
+    """The demo's dense checkpoint quantized by `make(source, target)` (a real quantizer's
+    script, `makers`), built once: its key is the scripts and the versions, not halfsafe's code."""
+    from halfsafe.model.loading import demo_checkpoint
+
+    return build_once(f"demo-{fmt}", lambda target: make(demo_checkpoint(), target), inputs={"format": fmt},
+                      files=[*makers, LOADING], package=False)
+
+
+def fixed_product(fmt: str, source: Path, run_fix: Callable[..., object], heldout: int | None = None,
+                  files: tuple[Path, ...] = ()) -> tuple[Path, dict]:
+    """`run_fix(source, out, plan_json, *options)` on `source`, verified on the first `heldout`
+    held-out prompts (None: fix's default, all 48): (the fixed directory, the plan JSON)."""
+    from halfsafe.prompts import HELDOUT, bundled_prompts
+
+    def build(product: Path) -> None:
+        product.mkdir(parents=True)
+        options = []
+        if heldout is not None:
+            (product / "heldout.txt").write_text("\n".join(bundled_prompts(HELDOUT)[:heldout]) + "\n",
+                                                 encoding="utf-8")
+            options = ["--heldout", str(product / "heldout.txt")]
+        run_fix(source, product / "fixed", product / "plan.json", *options)
+
+    product = build_once(f"demo-{fmt}-fixed", build, inputs={"source": product_id(source), "heldout": heldout},
+                         files=files)
+    return product / "fixed", json.loads((product / "plan.json").read_text())
+
+
+def fp32_greedy(source: Path, compute: Callable[[], dict], files: tuple[Path, ...] = ()) -> dict:
+    """An fp32 reference of the product `source` (greedy tokens, prompt ids: whatever `compute()`
+    returns), once."""
+    name = product_id(source).rsplit("-", 1)[0]  # demo-w4a16-<key> -> demo-w4a16
+    return json_once(f"{name}-fp32-reference", compute, inputs={"source": product_id(source)}, files=files)
