@@ -193,7 +193,8 @@ def test_the_cli_says_bounded_in_one_line_and_the_card_says_by_how_much(granite,
 def test_the_vllm_plugin_takes_a_bounded_export_only_with_its_bound_passed():
     block = {"strategy": "rescale", "plan": {"dtype": "float16"},
              "verification": {"max_kl": 1e-3, "fixed": {"nonfinite_share": 0, "kl_mean": 1e-6}}}
-    assert verified_for_float16({"halfsafe": block})
+    assert not verified_for_float16({"halfsafe": block})  # no exactness: not proven, refused
+    assert not verified_for_float16({"halfsafe": {**block, "exactness": {"max_delta": 0.0}}})  # no `exact`
     exact = {**block, "exactness": {"exact": True}}
     assert verified_for_float16({"halfsafe": exact})
     passed = {**block, "exactness": {"exact": False, "bounded": {"passed": True}}}

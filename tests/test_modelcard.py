@@ -51,3 +51,11 @@ def test_a_checkpoint_without_a_halfsafe_block_gets_no_card(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert write_model_card(tmp_path) is None and not (tmp_path / "README.md").exists()
     assert "fixed for float16" in model_card({"halfsafe": {"plan": {"dtype": "float16"}}})
+
+
+def test_a_block_whose_exactness_has_no_exact_key_is_shown_as_not_proven():
+    block = {"strategy": "rescale", "plan": {"dtype": "float16", "residual_scale": 0.125},
+             "exactness": {"max_delta": 0.0, "equal": True, "prompts": 2}}
+    card = model_card({"halfsafe": block})
+    assert "Not proven exact" in card and "exact: true" not in card
+    assert "exact: true" in model_card({"halfsafe": {**block, "exactness": {**block["exactness"], "exact": True}}})

@@ -126,10 +126,13 @@ def _exactness_lines(block: dict) -> list[str]:
     exactness = block.get("exactness")
     if not isinstance(exactness, dict):
         return ["Not proven exact (this strategy keeps layers in float32 instead of rescaling)."]
-    proof = (f"max |delta logit| {exactness['max_delta']:.1e}"
+    proof = (f"max |delta logit| {exactness.get('max_delta', float('nan')):.1e}"
              f"{' (bit-identical)' if exactness.get('equal') else ''} on {exactness.get('prompts')} prompt(s)")
     bounded = exactness.get("bounded")
-    if exactness.get("exact", True):
+    if exactness.get("exact") not in (True, False):
+        return [f"Not proven exact: this checkpoint's `halfsafe` block records no `exact` result ({proof} was "
+                "measured, but not recorded as a proof of these files). Re-run `halfsafe fix MODEL --out DIR`."]
+    if exactness["exact"]:
         return [f"exact: true. The rescaled weights, run in float32, reproduce the original's float32 logits: {proof}."]
     if not isinstance(bounded, dict):
         return [f"exact: false. The rescaling is exact in memory ({proof}), but a checkpoint cannot store every eps "

@@ -39,9 +39,10 @@ def register() -> None:
 
 def verified_for_float16(config) -> bool:
     """True when `config` (a transformers config or its dict) carries a `halfsafe` block written by
-    `fix` with the rescale strategy for float16, whose verification passed its own gate; a bounded
-    export (`exactness.exact` false: one eps per config field, its fp32 delta measured) also
-    needs its bound passed (`exactness.bounded.passed`)."""
+    `fix` with the rescale strategy for float16, whose verification passed its own gate and whose
+    `exactness.exact` is recorded: true, or false for a bounded export (one eps per config field,
+    its fp32 delta measured), which also needs its bound passed (`exactness.bounded.passed`). A
+    missing key is not proven, never a yes."""
     block = config.get("halfsafe") if isinstance(config, dict) else getattr(config, "halfsafe", None)
     if not isinstance(block, dict):
         return False
@@ -52,11 +53,13 @@ def verified_for_float16(config) -> bool:
     fixed, bound = verification.get("fixed"), verification.get("max_kl")
     if not isinstance(fixed, dict) or not isinstance(bound, (int, float)):
         return False  # exported with --no-verify
-    # A bounded export (exact: false) passed its own bound too, or `fix` would not have written it;
-    # a block that says otherwise was not written by a passing `fix`.
-    exactness = block.get("exactness") or {}
-    if isinstance(exactness, dict) and exactness.get("exact") is False and \
-            (exactness.get("bounded") or {}).get("passed") is not True:
+    # Fail closed: a block without `exactness`, or without its `exact`, is not proven. A bounded
+    # export (exact: false) passed its own bound too, or `fix` would not have written it; a block
+    # that says otherwise was not written by a passing `fix`.
+    exactness = block.get("exactness")
+    if not isinstance(exactness, dict) or exactness.get("exact") not in (True, False):
+        return False
+    if exactness["exact"] is False and (exactness.get("bounded") or {}).get("passed") is not True:
         return False
     try:
         return fixed["nonfinite_share"] == 0 and fixed["kl_mean"] <= bound
