@@ -13,7 +13,7 @@ quiet_transformers()
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
-DEMO_FIXTURES = {"demo", "demo_diagnosis", "demo_fixed", "demo_fp16"}  # demo_fp16: test_demo_model.py
+DEMO_FIXTURES = {"demo", "demo_diagnosis", "demo_fixed", "demo_fp16", "demo_reference"}  # demo_fp16: test_demo_model.py
 
 
 def pytest_collection_modifyitems(items):
@@ -67,6 +67,30 @@ def demo_fixed():
     loaded = load_model("demo")
     model, report = fix(loaded.model, loaded.tokenizer)
     return model, report
+
+
+@pytest.fixture(scope="session")
+def demo_reference(demo) -> dict:
+    """fp32's greedy continuations (32 tokens) of the 48 held-out prompts (transformers, one
+    left-padded batch, as `fix` verifies), their prompt ids, and SERVER_PROMPT's fp32 greedy
+    tokens: computed once across runs (tests/support/cache.py), shared by every test that needs them."""
+    from tests.support.cache import json_once
+    from tests.support.products import SERVER_PROMPT
+
+    def compute() -> dict:
+        from halfsafe.fixing.verify import greedy_tokens
+        from halfsafe.prompts import HELDOUT, bundled_prompts
+
+        prompts = bundled_prompts(HELDOUT)
+        with torch.inference_mode():
+            new = greedy_tokens(demo.model, demo.tokenizer, prompts, 32).tolist()
+            served = demo.model.generate(**demo.tokenizer(SERVER_PROMPT, return_tensors="pt"), max_new_tokens=24,
+                                         do_sample=False)
+        served = served[0, len(demo.tokenizer(SERVER_PROMPT).input_ids):].tolist()
+        return {"prompts": [demo.tokenizer(p).input_ids for p in prompts], "new": new, "served": served,
+                "server_prompt": SERVER_PROMPT}
+
+    return json_once("demo-fp32-reference", compute, inputs={"tokens": 32, "server": SERVER_PROMPT})
 
 
 @pytest.fixture(scope="session")

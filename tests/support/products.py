@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.support.cache import ROOT, build_once, json_once, product_id
 
+SERVER_PROMPT = "Water boils at"  # the one prompt tests/test_vllm.py asks vLLM's server
 LOADING = ROOT / "src" / "halfsafe" / "model" / "loading.py"  # how the dense demo is made
 
 
