@@ -6,9 +6,10 @@ the user cache directory, keyed by a hash of everything it depends on, checked o
 The key hashes: `inputs` (JSON), the bytes of `files` (the scripts that make the product) and,
 unless `package=False` (a product no halfsafe code makes, such as llm-compressor's quantization
 of the demo), of every file of the halfsafe package; the constraints files that fix every
-environment's versions, and this environment's Python, torch and transformers. A product is built into a
-temporary directory, its files' sha256 written to MANIFEST.json, then renamed into place: an
-interrupted build leaves nothing that looks finished. On load every file is hashed again; a
+environment's versions, this environment's Python, torch and transformers, and the CPU's model
+and flags (half precision rounds differently by CPU kind). A product is built into a temporary
+directory, its files' sha256 written to MANIFEST.json, then renamed into place: an interrupted
+build leaves nothing that looks finished. On load every file is hashed again; a
 missing, extra or changed file, or a product whose builder changed, is rebuilt. Older products
 of the same name are removed once the new one is in place.
 
@@ -61,11 +62,22 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _cpu() -> str:
+    """This CPU's model and instruction-set flags: half-precision results differ by CPU kind, so a
+    product holding float16 numbers is not reused on another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = [line.split(":", 1)[1].strip() for line in lines if line.startswith(("model name", "flags"))]
+    return " | ".join(dict.fromkeys(wanted))
+
+
 def _versions() -> dict:
     import torch
     import transformers
 
-    return {"python": sys.version, "machine": platform.machine(), "torch": torch.__version__,
+    return {"python": sys.version, "machine": platform.machine(), "cpu": _cpu(), "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 
