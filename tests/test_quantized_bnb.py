@@ -27,7 +27,7 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.roles import Roles
 from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
-from tests.support.products import fixed_product, quantized_demo
+from tests.support.products import cached_copy, fixed_product, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
 from tests.test_quantized import check_config, fix_with_cli, raw, run_plain, tensors, tree
 
@@ -107,7 +107,11 @@ def tiny_bnb_dense(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", params=sorted(VARIANTS))
 def tiny_bnb(request, tiny_bnb_dense) -> Path:
-    return make_bnb(tiny_bnb_dense, tiny_bnb_dense.parent / request.param, *VARIANTS[request.param])
+    """bitsandbytes' 4-bit of the tiny planted Gemma 3, each variant built once across runs, copied here."""
+    options = VARIANTS[request.param]
+    return cached_copy(f"tiny-bnb-{request.param}", lambda target: make_bnb(tiny_bnb_dense, target, *options),
+                       tiny_bnb_dense.parent / request.param, inputs={"model": "gemma3_text", "plant": "residual",
+                                                                      "options": options}, files=(MAKE,))
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from halfsafe.cli import main
-from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
+from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 from tests.support.envs import side_python
-from tests.support.products import fixed_product, fp32_greedy, quantized_demo
+from tests.support.products import cached_copy, fixed_product, fp32_greedy, quantized_demo, sha_tree
 from tests.test_quantized import VLLM_TOKENS, check_config, check_rescaled, identical_share, tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +68,6 @@ def run_script(script: str, *args: str) -> dict:
     return json.loads(done.stdout.split(RESULT, 1)[1])
 
 
-def fix_in_gptq_env(source: Path, *options: str) -> tuple[Path, dict]:
-    out, plan_json = source.parent / f"{source.name}-fixed", source.parent / f"{source.name}-plan.json"
-    run_fix_in_gptq_env(source, out, plan_json, *options)
-    return out, json.loads(plan_json.read_text())
-
-
 def run_fix_in_gptq_env(source: Path, out: Path, plan_json: Path, *options: str) -> None:
     untouched = tree(source)
     done = halfsafe("fix", str(source), "--out", str(out), "--plan-json", str(plan_json), *options)
@@ -94,12 +88,24 @@ def tiny_gptq(tiny_gptq_dense) -> Path:
     # bfloat16, GPTQModel's own default on a CPU. Quantized from float32 instead, this planted model's
     # GPTQ weights run worse in float16 than in bfloat16 even dense (measured: mean KL 1.7e-4 against
     # bfloat16's 9.6e-6 on the short prompts, fixed or not), so the fix's verification refuses it.
-    return make_gptq(tiny_gptq_dense, tiny_gptq_dense.parent / "gptq", "--group-size", "32", "--dtype", "bfloat16")
+    # Built once across runs (tests/support/products.py), copied into this run's directory.
+    options = ("--group-size", "32", "--dtype", "bfloat16")
+    return cached_copy("tiny-gptq", lambda target: make_gptq(tiny_gptq_dense, target, *options),
+                       tiny_gptq_dense.parent / "gptq", inputs={"model": "gemma3_text", "plant": "residual",
+                                                                "options": options}, files=(MAKE,))
 
 
 @pytest.fixture(scope="session")
 def tiny_gptq_fixed(tiny_gptq, short_prompt_args) -> tuple[Path, dict]:
-    return fix_in_gptq_env(tiny_gptq, *short_prompt_args)
+    """`halfsafe fix` in .venv-gptq on the tiny GPTQ checkpoint (calibrated and verified on the short
+    prompts), built once across runs for the same checkpoint and code, copied beside it."""
+    def build(product: Path) -> None:
+        product.mkdir(parents=True)
+        run_fix_in_gptq_env(tiny_gptq, product / "fixed", product / "plan.json", *short_prompt_args)
+
+    inputs = {"source": sha_tree(tiny_gptq), "prompts": [SHORT_PROMPTS, SHORT_HELDOUT]}
+    product = cached_copy("tiny-gptq-fixed", build, tiny_gptq.parent / "gptq-fixed-product", inputs=inputs)
+    return product / "fixed", json.loads((product / "plan.json").read_text())
 
 
 def test_fix_gptq_moves_only_scales_and_dense_writers(tiny_gptq, tiny_gptq_fixed):
