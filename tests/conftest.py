@@ -61,12 +61,12 @@ def demo_diagnosis(demo):
 
 @pytest.fixture(scope="session")
 def demo_fixed():
-    """A second copy of the demo model, fixed for float16 in memory, with its report."""
-    from halfsafe.fixing.fix import fix
+    """The demo fixed for float16 by the CLI (`halfsafe fix demo --out`), as it ships: its directory;
+    its `halfsafe` block (config.json) holds the plan and the verification the tests read. Built once
+    across runs (tests/support/products.py)."""
+    from tests.support.products import fixed_demo
 
-    loaded = load_model("demo")
-    model, report = fix(loaded.model, loaded.tokenizer)
-    return model, report
+    return fixed_demo()
 
 
 @pytest.fixture(scope="session")
