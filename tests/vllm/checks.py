@@ -4,7 +4,8 @@
     checks.py plain FIXED              the same without the plugin (run with VLLM_PLUGINS=none)
     checks.py fixed FIXED PROMPTS [PARALLEL]  the fixed demo in float16 through the plugin alone
     checks.py unfixed DEMO FIXED PROMPTS  the unfixed demo in float16, refusal lifted, processor on
-    checks.py refused DEMO PARALLEL    the unfixed demo in float16 with the plugin: vLLM's refusal
+    checks.py refused DEMO PARALLEL...  the unfixed demo in float16 with the plugin, under each of the
+                                       engine settings given: vLLM's refusal, one result each
     checks.py quantized-config FIXED UNFIXED   a fixed and an unfixed W4A16 checkpoint's dtype, plugin on
     checks.py greedy MODEL PROMPTS DTYPE TOKENS   greedy tokens and whether their logprobs are finite
     checks.py lifted-greedy UNFIXED FIXED PROMPTS TOKENS   the same in float16 for UNFIXED, refusal lifted
@@ -165,7 +166,8 @@ def run_engine(model: str, prompts: list[list[int]], ignore_eos: bool = True, **
 
 def check_refused(demo: str, parallel: dict) -> dict:
     """The unfixed demo in float16, with the plugin loaded, under an engine's parallel settings:
-    vLLM's own refusal, raised while the configuration is built, before any rank starts."""
+    vLLM's own refusal, raised while the configuration is built, before any rank starts (so one
+    process asks under every setting in turn)."""
     from vllm.plugins import load_general_plugins
 
     from vllm import LLM
@@ -298,7 +300,7 @@ def main() -> None:
         parallel = json.loads(args[2]) if len(args) > 2 else {}
         result, _ = run_engine(args[0], json.load(open(args[1])), **parallel)
     elif mode == "refused":
-        result = check_refused(args[0], json.loads(args[1]))
+        result = [check_refused(args[0], json.loads(parallel)) for parallel in args[1:]]
     elif mode == "unfixed":
         result = check_unfixed(args[0], args[1], json.load(open(args[2])))
     elif mode == "kernels":
