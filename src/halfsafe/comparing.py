@@ -1,6 +1,6 @@
 """Compare: the fidelity and speed table users decide by.
 
-Variants of one fp32 model, all measured against it by `verifying.measure_fidelity` (the same
+Variants of one fp32 model, all measured against it by `fixing.verify.measure_fidelity` (the same
 function `fix`'s gate uses):
 - `fp32`, `bf16`, `fp16`: the model cast;
 - `fp16-clamp`: fp16 with every layer's output clamped to +-64,504 (T5, ONNX exports);

@@ -11,7 +11,7 @@ few fields a class's defaults leave unset though its model needs them are data (
 
 The plant: one output row of a first-layer writer is scaled up until the residual stream leaving
 that layer carries MASSIVE (1e5) in one channel, at its largest over the prompts given
-(NUMERICS.md section 1: the real gemma-3-270m peaks at 103,795, on `<bos>`). Plain float16
+(docs/numerics.md section 1: the real gemma-3-270m peaks at 103,795, on `<bos>`). Plain float16
 overflows; rescaled by 2^-3 it does not.
 """
 

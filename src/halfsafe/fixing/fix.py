@@ -121,7 +121,7 @@ def fix(
 
     Verification (unless `verify=False`) compares the result on held-out prompts with the
     fp32 model, next to plain bfloat16: any non-finite logit, or a mean KL above the bound (see
-    `gating.gate`; `max_kl` sets it), raises VerificationFailed and leaves the model untouched.
+    `fixing.gate.gate`; `max_kl` sets it), raises VerificationFailed and leaves the model untouched.
     The stages are `pipeline`'s.
 
     `observation`: the sites of an fp32 observation already made on the calibration prompts

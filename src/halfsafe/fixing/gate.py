@@ -1,6 +1,6 @@
 """The verification gate and the report it fills: one for every way `fix` runs.
 
-`gate` decides from measured fidelity (see `verifying`) whether the fixed model may be kept or
+`gate` decides from measured fidelity (see `fixing.verify`) whether the fixed model may be kept or
 written; `FixReport.to_json()` is the `halfsafe` block of an exported config (read by the vLLM
 plugin: keys "version", "strategy", "plan", "verification" with "fixed", "bfloat16", "max_kl").
 """

@@ -12,17 +12,17 @@ the demo, `generate --dtype auto`) runs `run` below; the stages, in order:
             logits of two calibration prompts, max |delta| <= EXACT_BOUND * max |logit|
             (measured: torch.equal); otherwise VerificationFailed (exit 4) naming the worst
             position and the first diverging module. Nothing has been written yet.
-3. observe  max |x| per site in fp32 on the calibration prompts (`observing`).
+3. observe  max |x| per site in fp32 on the calibration prompts (`observe`).
 4. plan     rescale: s = the largest 2^-k with every s-site * s <= dtype max / margin, and per
-            interior pair t likewise (`planning.make_plan`, sites' roles measured by
-            `roles.output_exponents`); keep-fp32: the layers that keep fp32 (`keeping`).
+            interior pair t likewise (`plan.make_plan`, sites' roles measured by
+            `roles.output_exponents`); keep-fp32: the layers that keep fp32 (`keep_fp32`).
 5. verify   held-out prompts through the fixed model and plain bfloat16, against fp32
-            (mean KL, top-1, non-finite share; `verifying`).
+            (mean KL, top-1, non-finite share; `verify`).
    bounded  (an export of roles exact in memory only) after planning, the model as it will be
             reloaded (each eps as its config field gives it) is run in fp32 both ways of storing
             a conflicting field (`roles.bounded.reload_gate`); verification runs that model, in
             the target dtype and in fp32 (`bounded.AS_EXPORTED`).
-6. gate     all finite and mean KL <= the bound (`gating.gate`); a bounded export also within
+6. gate     all finite and mean KL <= the bound (`gate.gate`); a bounded export also within
             `bounded.check_bounded`'s bounds; else VerificationFailed.
 7. commit   the backend puts the fix in: in memory (weights swapped) or on disk (shards
             written one unit at a time); then `finalise`: eps x s^2, the attention kernel the
@@ -51,7 +51,7 @@ from .observe import SiteStat
 from .plan import Plan, SiteRoles, make_plan
 
 STRATEGIES = ("rescale", "keep-fp32")
-GATE_PROMPTS = 2  # calibration prompts the exactness gate runs (issue 13: two are enough to catch a wrong role)
+GATE_PROMPTS = 2  # calibration prompts the exactness gate runs (two are enough to catch a wrong role)
 GATE_TOKENS = 128  # each cut to this many tokens: a wrong role shows at the first position it touches
 
 

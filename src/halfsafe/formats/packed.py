@@ -3,7 +3,7 @@ floating scale, and the layer computes `x @ ((q - zero) * scale)^T`.
 
 Multiplying such a layer by c = 2^k is multiplying every scale by c: the packed integers and
 zero points do not move, and a power of two times a float is exact while the product stays a
-normal number of the scale's dtype (NUMERICS.md section 9), which `scaled_scales` checks,
+normal number of the scale's dtype (README.md, "Quantized models"), which `scaled_scales` checks,
 refusing with the module and the count. So the fixed checkpoint dequantizes to exactly c times
 the original's dequantized weight. Everything that is not a quantized Linear (norms, embedding,
 biases, an unquantized `lm_head`) is dense and scaled as `dense` does, in its stored dtype.

@@ -1,7 +1,7 @@
 """Apply derived roles, and the exactness gate that proves them on the model itself.
 
 A power-of-two scale is exact in floating point and every reader's eps moves by s^2, so the
-rescaled model, kept in fp32, computes what the original computed: NUMERICS.md section 7
+rescaled model, kept in fp32, computes what the original computed: docs/numerics.md section 4
 measured `torch.equal` logits on the real gemma-3-270m. A missing writer or an uncompensated
 reader instead changes the logits by orders of magnitude more than rounding does (a missing
 writer mixes s-scaled and unscaled terms in one sum; the tests measure it). The gate therefore

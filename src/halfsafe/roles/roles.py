@@ -50,8 +50,8 @@ class Roles:
         return {name: (factor, offset) for name, (factor, offset) in found.items() if factor != 1.0}
 
     def site_roles(self, exponents: dict[str, int]) -> tuple[dict[str, str], dict[str, str]]:
-        """What planning needs, in `planning.site_roles`' form: site -> 's' (its output moves with
-        the residual scale), '1/s', or 't' (inside an interior pair), and for 't' sites the pair
+        """What planning needs (`fixing.pipeline.Backend.site_roles`' form): site -> 's' (its output
+        moves with the residual scale), '1/s', or 't' (inside an interior pair), and for 't' sites the pair
         ('producer->consumer') whose t applies. `exponents`: `gate.output_exponents`' result."""
         roles = {site: {1: "s", -1: "1/s"}[k] for site, k in exponents.items() if k in (1, -1)}
         pairs = {}
