@@ -33,6 +33,8 @@ class InMemory:
     `weights_format`: how the checkpoint stores the weights (`formats`); the fixed variant is
     verified as that format stores it (a quantized layer through its rescaled scales)."""
 
+    reloads_bounded = True
+
     def __init__(self, model: nn.Module, tokenizer, weights_format=DENSE):
         self.model, self.tokenizer, self.weights_format = model, tokenizer, weights_format
 

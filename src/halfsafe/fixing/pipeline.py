@@ -85,6 +85,7 @@ class Backend(Protocol):
     """Where the stages run: the whole model in memory, or one unit at a time from disk."""
 
     model: nn.Module  # the model, or its skeleton: config, module tree, parameter names
+    reloads_bounded: bool  # whether `reload_gate` can run (a bounded export needs the whole model)
 
     def roles(self) -> Roles: ...  # derived on the model (or on a narrow stand-in of its config)
 
@@ -97,6 +98,10 @@ class Backend(Protocol):
     def verify(self, prompts: list[str], fix: Fix, dtype: torch.dtype, progress=None) -> dict: ...
 
     def commit(self, fix: Fix, dtype: torch.dtype, report: FixReport) -> None: ...
+
+    # a bounded export only: the model as it will reload, in fp32 both ways of storing each
+    # conflicting eps field, and the exact fix in `dtype` (`roles.bounded.reload_gate`)
+    def reload_gate(self, fix: Fix, prompts: list[str], dtype: torch.dtype) -> ReloadResult: ...
 
     # keep-fp32 only (in memory): forward throughput of the fix over the all-`dtype` model
     def speed_ratio(self, fix: Fix, dtype: torch.dtype, prompt: str) -> float: ...
@@ -116,7 +121,7 @@ def derive(backend: Backend, *, for_export: bool = False, exact_only: bool = Fal
         raise HalfsafeError(f"{roles.model_class} cannot be rescaled exactly: {roles.refusals[0]}{more}; "
                             "use --strategy keep-fp32")
     if for_export and roles.export_blockers:
-        bounded = bounded_possible(roles) and hasattr(backend, "reload_gate")
+        bounded = bounded_possible(roles) and backend.reloads_bounded
         if exact_only or not bounded:
             hint = ("drop --exact-only to export it bounded (its fp32 delta measured and recorded), " if exact_only
                     and bounded else "drop --layerwise to export it bounded, " if bounded_possible(roles) else "")

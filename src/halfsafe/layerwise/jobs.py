@@ -88,6 +88,8 @@ class Layerwise:
     stand-in's own token ids (its vocabulary is shrunk), not the calibration prompts.
     """
 
+    reloads_bounded = False  # a bounded export's reload gate runs the whole model
+
     def __init__(self, lm: LayerwiseModel, tokenizer, work: Path, out: Path, progress=None):
         self.lm, self.tokenizer, self.work, self.out, self.progress = lm, tokenizer, work, out, progress
         self.model = lm.model
@@ -128,6 +130,9 @@ class Layerwise:
 
     def speed_ratio(self, fix, dtype: torch.dtype, prompt: str) -> float:
         raise HalfsafeError("--layerwise writes a rescaled checkpoint; it does not combine with --strategy keep-fp32")
+
+    def reload_gate(self, fix, prompts: list[str], dtype: torch.dtype):
+        raise HalfsafeError("a bounded export needs the whole model in memory; drop --layerwise to export it bounded")
 
     def commit(self, fix, dtype: torch.dtype, report) -> None:
         export_layerwise(self.lm, fix, dtype, report, self.tokenizer, self.work, self.out, progress=self.progress)
