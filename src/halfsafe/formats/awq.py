@@ -18,15 +18,12 @@ from pathlib import Path
 import torch
 
 from ..errors import HalfsafeError
-from .packed import PackedFormat
+from .packed import PackedFormat, unwritable
 
 
 def _refuse(directory: Path, what: str) -> HalfsafeError:
-    return HalfsafeError(
-        f"'{directory}' is an AWQ checkpoint with {what}, which halfsafe cannot write yet (it writes AWQ GEMM "
-        "checkpoints with 4-bit weights); fix the dense model it came from with 'halfsafe fix', then quantize "
-        "the fixed checkpoint"
-    )
+    return unwritable(directory, "an AWQ checkpoint", what,
+                      "cannot write yet (it writes AWQ GEMM checkpoints with 4-bit weights)")
 
 
 class AwqFormat(PackedFormat):

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HalfsafeError
-from .packed import PackedFormat, scaled_scales
+from .packed import PackedFormat, scaled_scales, unwritable
 from .scale import Scale
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -48,11 +48,9 @@ TENSOR_LEAVES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_a
 
 
 def _refuse(directory: Path, what: str) -> HalfsafeError:
-    return HalfsafeError(
-        f"'{directory}' is a bitsandbytes checkpoint with {what}, which halfsafe cannot write (it writes "
-        "bitsandbytes 4-bit nf4 and fp4 checkpoints stored as uint8); fix the dense model it came from with "
-        "'halfsafe fix', then quantize the fixed checkpoint (load_in_4bit)"
-    )
+    return unwritable(directory, "a bitsandbytes checkpoint", what,
+                      "cannot write (it writes bitsandbytes 4-bit nf4 and fp4 checkpoints stored as uint8)",
+                      "quantize the fixed checkpoint (load_in_4bit)")
 
 
 class BitsAndBytesFormat(PackedFormat):

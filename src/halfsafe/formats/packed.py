@@ -307,6 +307,14 @@ class PackedStream:
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
+def unwritable(directory: Path, checkpoint: str, what: str, writes: str,
+               quantize: str = "quantize the fixed checkpoint") -> HalfsafeError:
+    """The one-line refusal of a layout a format reads but does not write: what it is, what
+    halfsafe writes, and the way round (fix the dense model, then quantize it)."""
+    return HalfsafeError(f"'{directory}' is {checkpoint} with {what}, which halfsafe {writes}; fix the dense model it "
+                         f"came from with 'halfsafe fix', then {quantize}")
+
+
 def overwrite_tensor(path: Path, name: str, tensor: torch.Tensor) -> None:
     """Write `tensor` over the bytes of the stored tensor `name` in the safetensors file `path`
     (an 8-byte little-endian header length, the JSON header, then each tensor's raw little-endian
