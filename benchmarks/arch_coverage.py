@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests/support
+from tests.support.planted import BOS, plant_massive_activation, tiny_model  # noqa: E402
+
 from common import machine  # noqa: E402
 from halfsafe.diagnosing import FiniteWatch  # noqa: E402
 from halfsafe.fixing.bounded import outside_bound  # noqa: E402
@@ -39,7 +42,6 @@ from halfsafe.fixing.plan import power_of_two_scale  # noqa: E402
 from halfsafe.model.hooks import HookSet  # noqa: E402
 from halfsafe.roles import EXACT_BOUND, apply_roles, derive_roles, exactness_gate  # noqa: E402
 from halfsafe.roles.bounded import apply_as_exported, bounded_possible, reload_gate  # noqa: E402
-from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model  # noqa: E402
 
 FP16_MAX = 65504.0
 MARGIN = 4.0

@@ -9,7 +9,7 @@ process, and reads that process's peak resident memory from the kernel (ru_maxrs
 finished child; this driver imports no torch, so the child starts small). Random weights do not
 overflow: on the Qwen3 shapes the plan is the identity, and every step of the job (observe,
 plan, scale, cast, write) still runs on every tensor. The 70B shape has a massive activation
-planted as `halfsafe.testing` plants it (a layer-1 MLP neuron that fires on BOS only writes
+planted as tests/support/models.py plants it (a layer-1 MLP neuron that fires on BOS only writes
 1e5 into one residual channel), so its plan really rescales; its run is timed per layer (the
 child marks each step of its progress bar) and its resident memory sampled per step, and the
 80-layer time is projected as the fixed part plus 80 times a layer.
@@ -80,10 +80,11 @@ _WRITE = """
 import json, sys, torch
 import transformers
 from pathlib import Path
+sys.path.insert(0, sys.argv[6])  # the checkout: tests/support
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-from halfsafe.testing import BOS, CHANNEL, MASSIVE, PLANT_LAYER, byte_tokenizer
+from tests.support.models import BOS, CHANNEL, MASSIVE, PLANT_LAYER, byte_tokenizer
 out, layers, shape, config_class, plant = (Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]),
                                             sys.argv[4], sys.argv[5] == "plant")
 config = getattr(transformers, config_class)(**shape, num_hidden_layers=layers, max_position_embeddings=4096,
@@ -100,7 +101,7 @@ order = ["model.embed_tokens.weight"] + [u for u in units if isinstance(u, int)]
 out.mkdir(parents=True)
 generator = torch.Generator().manual_seed(0)
 weight_map = {}
-# The planted massive activation, as halfsafe.testing plants it: an embedding channel only BOS uses
+# The planted massive activation, as tests/support/models.py plants it: an embedding channel only BOS uses
 # (DETECTOR) drives MLP neuron 0 of layer PLANT_LAYER, whose down_proj column writes MASSIVE into
 # residual channel CHANNEL at BOS and nothing elsewhere. No earlier writer touches DETECTOR. The
 # neuron's input is computed here from BOS alone (at position 0 attention is its own value).
@@ -310,7 +311,8 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             check_disk(root, shape, layers)
             written, _, text = run([sys.executable, "-c", _WRITE, str(source), str(layers), json.dumps(SHAPES[shape]),
-                                    CONFIGS[shape], "plant" if shape in PLANTED else "none"])
+                                    CONFIGS[shape], "plant" if shape in PLANTED else "none",
+                                    str(Path(__file__).resolve().parents[1])])
             params = int(text.strip().splitlines()[-1])
             if shape == "llama3-70b":
                 fix_70b(source, out, layers, params, written)

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests/support
+
+from tests.support.models import SHORT_PROMPTS, byte_tokenizer, plant_massive_activation  # noqa: E402
 
 from common import machine  # noqa: E402
 from halfsafe.fixing.fix import fix  # noqa: E402
 from halfsafe.guarding import guard  # noqa: E402
 from halfsafe.model.precision import cast_temporarily  # noqa: E402
-from halfsafe.testing import SHORT_PROMPTS, byte_tokenizer, plant_massive_activation  # noqa: E402
 from halfsafe.timing import now  # noqa: E402
 
 SHAPES = {  # name: Qwen3Config fields (the public configs' shapes)

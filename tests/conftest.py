@@ -7,7 +7,7 @@ import torch
 
 from halfsafe.cli.session import quiet_transformers
 from halfsafe.model.loading import load_model
-from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
+from tests.support.models import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 
 quiet_transformers()
 torch.set_num_threads(max(1, torch.get_num_threads()))

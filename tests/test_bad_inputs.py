@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from halfsafe.cli import main
-from halfsafe.shrinking import tiny_model
-from halfsafe.testing import VOCAB, build_tiny_model, byte_tokenizer, save_tiny_model, save_unregistered_model
+from tests.support.models import VOCAB, build_tiny_model, byte_tokenizer, save_tiny_model, save_unregistered_model
+from tests.support.planted import tiny_model
 
 LINUX = sys.platform.startswith("linux")
 

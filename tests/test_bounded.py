@@ -16,9 +16,9 @@ from halfsafe.fixing.fix import VerificationFailed, fix
 from halfsafe.fixing.observe import find_decoder_layers
 from halfsafe.roles import derive_roles, exactness_gate
 from halfsafe.roles.bounded import conflicting_fields, distance, export_settings, reload_gate, running_as_exported
-from halfsafe.shrinking import plant_massive_activation, tiny_model
-from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
 from halfsafe.vllm.plugin import verified_for_float16
+from tests.support.models import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+from tests.support.planted import plant_massive_activation, tiny_model
 
 TOKENIZER = byte_tokenizer()
 SHORT = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)

@@ -6,7 +6,7 @@ from halfsafe.cli import main
 from halfsafe.comparing import compare, parse_variants
 from halfsafe.errors import HalfsafeError
 from halfsafe.model.loading import load_model
-from halfsafe.testing import SHORT_PROMPTS
+from tests.support.models import SHORT_PROMPTS
 
 
 def test_compare_on_a_planted_model(tiny_dirs, tmp_path, short_prompt_args):

@@ -5,7 +5,7 @@ from halfsafe.diagnosing import diagnose
 from halfsafe.errors import HalfsafeError
 from halfsafe.model.loading import load_model
 from halfsafe.model.precision import cast_temporarily
-from halfsafe.testing import ARCHITECTURES, CHANNEL, MASSIVE, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from tests.support.models import ARCHITECTURES, CHANNEL, MASSIVE, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))

@@ -11,9 +11,9 @@ from halfsafe.fixing.fix import VerificationFailed, fix
 from halfsafe.fixing.observe import observe
 from halfsafe.fixing.plan import make_plan
 from halfsafe.model.precision import cast_temporarily
-from halfsafe.testing import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 from tests.handwritten import ARCHITECTURES as REGISTRY
 from tests.handwritten import architecture_of, norm_eps_settings, scale_factors, site_roles
+from tests.support.models import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
 SHORT = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)  # what a tiny model needs; see testing.py
@@ -136,8 +136,8 @@ def test_roles_exact_only_in_memory_refuse_an_exact_only_export_before_any_work(
     checkpoint: `fix` for an exact-only export refuses it up front (a bounded export is
     tests/test_bounded.py's); in memory it stays allowed."""
     from halfsafe.errors import HalfsafeError
-    from halfsafe.shrinking import tiny_model
-    from halfsafe.testing import VOCAB
+    from tests.support.models import VOCAB
+    from tests.support.planted import tiny_model
 
     model = tiny_model("qwen3_next", vocab_size=VOCAB)
     refusal = r"exactly in memory but not as a checkpoint: .*linear_attn\.norm.*drop --exact-only.*load_fixed"

@@ -8,7 +8,7 @@ import torch
 
 from halfsafe.advising import choose_dtype, generation_advice, is_instruct, normalise_generation_kwargs
 from halfsafe.cli import main
-from halfsafe.testing import byte_tokenizer
+from tests.support.models import byte_tokenizer
 
 
 def _generate(tiny_dirs, *args, arch="gemma3_text", plant="residual"):

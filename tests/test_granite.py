@@ -7,9 +7,9 @@ plan: it scales the writers' weights by 2^-k and the constants act on the scaled
 unplanted tiny Granite, fixed float16 logits stay within 5e-4 of plain float16's at s = 2^-3 to
 2^-6, with either set of multipliers below).
 
-The fixture's massive activation is the one `halfsafe.testing` plants in every reference fixture: one MLP neuron
+The fixture's massive activation is the one `tests/support/models.py` plants in every reference fixture: one MLP neuron
 that fires on BOS only, as real massive activations do (Sun et al. 2024: the first token and a few
-delimiters, a near-constant value). The coverage benchmark's plant (`halfsafe.shrinking`) scales a
+delimiters, a near-constant value). The coverage benchmark's plant (`tests/support/planted.py`) scales a
 whole output row of a writer instead, so the channel is massive at every token with a value that
 depends on the token, crossing zero between +-2.6e5; where it lands near zero, its rounding error
 (the sum of terms of 1e5) decides the channel's sign and with it the final norm's output, and the
@@ -24,8 +24,8 @@ import torch
 from halfsafe.fixing.fix import fix
 from halfsafe.fixing.observe import encode
 from halfsafe.model.precision import cast_temporarily
-from halfsafe.shrinking import tiny_model
-from halfsafe.testing import SHORT_PROMPTS, VOCAB, byte_tokenizer, plant_massive_activation
+from tests.support.models import SHORT_PROMPTS, VOCAB, byte_tokenizer, plant_massive_activation
+from tests.support.planted import tiny_model
 
 TOKENIZER = byte_tokenizer()
 # As granite-3.0-2b ships them, with attention's 1/head_dim (there 1/64) at this model's head_dim 16.

@@ -21,7 +21,7 @@ from halfsafe.guarding import (
 )
 from halfsafe.model.loading import load_model
 from halfsafe.model.precision import compute_in
-from halfsafe.testing import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, NanFault, build_tiny_model, byte_tokenizer
+from tests.support.models import BOS, EOS, PAD, PLANT_LAYER, SHORT_PROMPTS, NanFault, build_tiny_model, byte_tokenizer
 
 GREEDY = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=PAD)
 NEW = 12

@@ -10,7 +10,7 @@ from halfsafe.diagnosing import diagnose
 from halfsafe.fixing.fix import fix
 from halfsafe.fixing.observe import ActivationRecorder
 from halfsafe.model.hooks import HookSet, attention_registry_names
-from halfsafe.testing import BOS, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from tests.support.models import BOS, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 TOKENIZER = byte_tokenizer()
 

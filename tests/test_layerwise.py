@@ -305,7 +305,7 @@ def _peak_extra(source: Path, out: Path, mode: str) -> int:
 def test_a_model_several_times_the_cap_is_fixed_under_it_with_the_in_memory_result(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from halfsafe.testing import BOS, EOS, PAD, VOCAB, byte_tokenizer
+    from tests.support.models import BOS, EOS, PAD, VOCAB, byte_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
@@ -350,8 +350,8 @@ def _layerwise_and_in_memory(source: Path, tmp_path: Path) -> tuple[dict, dict]:
 def _planted_source(model_type: str, directory: Path, **save) -> Path:
     from halfsafe.fixing.observe import find_decoder_layers
     from halfsafe.roles import derive_roles
-    from halfsafe.shrinking import plant_massive_activation, tiny_model
-    from halfsafe.testing import VOCAB, byte_tokenizer
+    from tests.support.models import VOCAB, byte_tokenizer
+    from tests.support.planted import plant_massive_activation, tiny_model
 
     model = tiny_model(model_type, vocab_size=VOCAB)
     path, layers = find_decoder_layers(model)

@@ -8,7 +8,7 @@ import torch
 
 from halfsafe.errors import HalfsafeError
 from halfsafe.model.loading import adds_bos, ensure_bos, load_model, read_gguf_header
-from halfsafe.testing import BOS, build_tiny_model, byte_tokenizer
+from tests.support.models import BOS, build_tiny_model, byte_tokenizer
 
 
 def test_local_directory_loads_with_tokenizer_that_adds_bos(tiny_dirs):

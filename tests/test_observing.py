@@ -3,7 +3,7 @@ import torch
 
 from halfsafe.fixing.observe import ATTN_LOGITS, EMBEDDING, INTERIOR, RESIDUAL, ActivationRecorder, observe
 from halfsafe.model.loading import load_model
-from halfsafe.testing import CHANNEL, MASSIVE, PLANT_LAYER, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from tests.support.models import CHANNEL, MASSIVE, PLANT_LAYER, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
 
 
 def _hook_count(model):

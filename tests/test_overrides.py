@@ -13,7 +13,7 @@ from halfsafe.fixing.observe import find_decoder_layers
 from halfsafe.model.overrides import extra_overrides, overrides, parse, resolve
 from halfsafe.roles import apply_roles, derive_roles, exactness_gate
 from halfsafe.roles.provenance import eps_fields
-from halfsafe.shrinking import BOS, tiny_model
+from tests.support.planted import BOS, tiny_model
 
 S = 2.0**-3
 PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 33, 44, 55]])]

@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from halfsafe.cli import main
 from halfsafe.formats import DENSE, checkpoint_format
 from halfsafe.roles import Roles
-from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from halfsafe.vllm.plugin import verified_for_float16
 from tests.support.envs import side_python
+from tests.support.models import SHORT_PROMPTS, save_tiny_model
 from tests.support.products import cached_copy, fixed_product, fp32_greedy, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
 
@@ -324,7 +324,7 @@ def test_interrupted_layerwise_fix_of_w4a16_resumes_to_the_same_checkpoint(tiny_
     from halfsafe.layerwise import OUTER
     from halfsafe.layerwise.jobs import fix_layerwise, open_layerwise, work_dir_for
     from halfsafe.model.loading import load_tokenizer
-    from halfsafe.testing import SHORT_HELDOUT
+    from tests.support.models import SHORT_HELDOUT
 
     class Interrupt(Exception):
         pass

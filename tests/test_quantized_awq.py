@@ -22,8 +22,8 @@ import torch
 
 from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
-from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
 from halfsafe.vllm.plugin import verified_for_float16
+from tests.support.models import SHORT_PROMPTS, save_tiny_model
 from tests.support.products import cached_copy, fixed_product, quantized_demo
 from tests.test_quantized import (
     VLLM_TOKENS,

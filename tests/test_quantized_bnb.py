@@ -26,7 +26,7 @@ from safetensors import safe_open
 from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.roles import Roles
-from halfsafe.testing import SHORT_PROMPTS, save_tiny_model
+from tests.support.models import SHORT_PROMPTS, save_tiny_model
 from tests.support.products import cached_copy, fixed_product, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
 from tests.test_quantized import check_config, fix_with_cli, raw, run_plain, tensors, tree

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from halfsafe.cli import main
-from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 from tests.support.envs import side_python
+from tests.support.models import SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
 from tests.support.products import cached_copy, fixed_product, fp32_greedy, quantized_demo, sha_tree
 from tests.test_quantized import VLLM_TOKENS, check_config, check_rescaled, identical_share, tree
 

@@ -10,9 +10,9 @@ import torch
 from halfsafe.fixing.observe import find_decoder_layers
 from halfsafe.fixing.plan import Plan, power_of_two_scale
 from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, eps_settings, exactness_gate
-from halfsafe.shrinking import BOS, plant_massive_activation, tiny_model
-from halfsafe.testing import ARCHITECTURES, build_tiny_model
 from tests.handwritten import architecture_of, norm_eps_settings, scale_factors
+from tests.support.models import ARCHITECTURES, build_tiny_model
+from tests.support.planted import BOS, plant_massive_activation, tiny_model
 
 S = 2.0**-3
 PROMPTS = [torch.tensor([[BOS, 50, 60, 70, 80, 90, 100]]), torch.tensor([[BOS, 33, 44, 55]])]
@@ -237,7 +237,7 @@ def test_roles_from_a_narrow_stand_in_equal_the_models_own(arch):
     """Layer-wise mode never holds the whole model: its roles come from a stand-in with the
     same config but every width shrunk; they name the same parameters with the same scales."""
     from halfsafe.roles.standin import roles_from_config
-    from halfsafe.testing import tiny_config
+    from tests.support.models import tiny_config
 
     wide = tiny_config(arch)
     wide.hidden_size, wide.intermediate_size, wide.head_dim = 128, 256, 32

@@ -238,8 +238,8 @@ def bounded_export(tmp_path: Path, model_type: str, **sizes) -> Path:
     from halfsafe.cli import main
     from halfsafe.fixing.observe import find_decoder_layers
     from halfsafe.roles import derive_roles
-    from halfsafe.shrinking import plant_massive_activation, tiny_model
-    from halfsafe.testing import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+    from tests.support.models import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
+    from tests.support.planted import plant_massive_activation, tiny_model
 
     tokenizer = byte_tokenizer()
     model = tiny_model(model_type, vocab_size=VOCAB, **sizes)
@@ -273,7 +273,7 @@ def test_a_bounded_export_runs_in_vllm_float16_and_the_plugin_wants_its_bound_pa
     float16 with finite logprobs and no token 0. vLLM 0.32 refuses float16 for no bounded type, so
     the plugin's decision is asked with the type on vLLM's refused list: the export passes, a copy
     whose bound did not pass gets vLLM's own refusal."""
-    from halfsafe.testing import SHORT_HELDOUT
+    from tests.support.models import SHORT_HELDOUT
 
     prompts = bounded_export(tmp_path, BOUNDED_TYPE, **BOUNDED_SIZES)
     result = run_checks("bounded", tmp_path / "fixed", prompts, tmp_path=tmp_path)
@@ -294,7 +294,7 @@ GRANITE_ENGINE = dict(max_model_len=128, enable_prefix_caching=False)
 
 @pytest.mark.slow
 def test_a_bounded_granite4_export_runs_in_vllm_float16_where_the_unfixed_model_gives_token_0(tmp_path):
-    from halfsafe.testing import SHORT_HELDOUT
+    from tests.support.models import SHORT_HELDOUT
 
     prompts = bounded_export(tmp_path, "granitemoehybrid", head_dim=32)
     engine = json.dumps(GRANITE_ENGINE)

@@ -15,7 +15,7 @@ import pytest
 from halfsafe.fixing.export import remove_stale_exports
 from halfsafe.fixing.workdirs import make_work_dir
 from halfsafe.layerwise.jobs import work_dir_for
-from halfsafe.testing import save_tiny_model
+from tests.support.models import save_tiny_model
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 

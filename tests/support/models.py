@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HalfsafeError
+from halfsafe.errors import HalfsafeError
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 320  # 3 specials + 256 byte symbols, rounded up
@@ -211,7 +211,7 @@ def _plant_interior(model) -> None:
 
 
 def _layers(model):
-    from .fixing.observe import find_decoder_layers
+    from halfsafe.fixing.observe import find_decoder_layers
 
     return find_decoder_layers(model)[1]
 
@@ -236,7 +236,7 @@ def _bos_input(model, module) -> torch.Tensor:
 
 
 def _at_bos(model, module, *, output: bool) -> torch.Tensor:
-    from .model.hooks import HookSet
+    from halfsafe.model.hooks import HookSet
 
     captured = []
     with HookSet() as hooks:
@@ -255,8 +255,8 @@ class NanFault:
     counted and faulted. Removed on leaving the `with` block."""
 
     def __init__(self, model, step: int, rows: list[int] | None = None, layer: int = 2, thread: int | None = None):
-        from .fixing.observe import find_decoder_layers
-        from .model.hooks import HookSet
+        from halfsafe.fixing.observe import find_decoder_layers
+        from halfsafe.model.hooks import HookSet
 
         self.step, self.rows, self.calls, self.thread = step, rows, 0, thread
         self.hooks = HookSet()
