@@ -30,7 +30,7 @@ from halfsafe.roles import Roles
 from halfsafe.vllm.plugin import verified_for_float16
 from tests.support.envs import side_python
 from tests.support.models import SHORT_PROMPTS, save_tiny_model
-from tests.support.products import cached_copy, fixed_product, fp32_greedy, quantized_demo
+from tests.support.products import TINY_MODELS, cached_copy, fixed_product, fp32_greedy, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def tiny_w4a16(tiny_dense) -> Path:
     """llm-compressor's W4A16 of the tiny planted Gemma 3, built once across runs, copied here."""
     return cached_copy("tiny-w4a16", lambda target: quantize(tiny_dense, target, "--group-size", "32"),
                        tiny_dense.parent / "w4a16", inputs={"model": "gemma3_text", "plant": "residual", "group": 32},
-                       files=(MAKE,))
+                       files=(MAKE, TINY_MODELS))
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.vllm.plugin import verified_for_float16
 from tests.support.models import SHORT_PROMPTS, save_tiny_model
-from tests.support.products import cached_copy, fixed_product, quantized_demo
+from tests.support.products import TINY_MODELS, cached_copy, fixed_product, quantized_demo
 from tests.test_quantized import (
     VLLM_TOKENS,
     check_config,
@@ -64,7 +64,7 @@ def tiny_awq_dense(tmp_path_factory) -> Path:
 def tiny_awq(tiny_awq_dense) -> Path:
     """vLLM's AWQ-GEMM packing of the tiny planted Gemma 3, built once across runs, copied here."""
     return cached_copy("tiny-awq", lambda target: make_awq(tiny_awq_dense, target, 32), tiny_awq_dense.parent / "awq",
-                       inputs={"model": "gemma3_text", "plant": "residual", "group": 32}, files=(MAKE,))
+                       inputs={"model": "gemma3_text", "plant": "residual", "group": 32}, files=(MAKE, TINY_MODELS))
 
 
 @pytest.fixture(scope="session")

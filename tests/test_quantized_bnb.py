@@ -27,7 +27,7 @@ from halfsafe.cli import main
 from halfsafe.formats import checkpoint_format
 from halfsafe.roles import Roles
 from tests.support.models import SHORT_PROMPTS, save_tiny_model
-from tests.support.products import cached_copy, fixed_product, quantized_demo
+from tests.support.products import TINY_MODELS, cached_copy, fixed_product, quantized_demo
 from tests.test_fixing import reload_in_plain_transformers
 from tests.test_quantized import check_config, fix_with_cli, raw, run_plain, tensors, tree
 
@@ -111,7 +111,7 @@ def tiny_bnb(request, tiny_bnb_dense) -> Path:
     options = VARIANTS[request.param]
     return cached_copy(f"tiny-bnb-{request.param}", lambda target: make_bnb(tiny_bnb_dense, target, *options),
                        tiny_bnb_dense.parent / request.param, inputs={"model": "gemma3_text", "plant": "residual",
-                                                                      "options": options}, files=(MAKE,))
+                                                                      "options": options}, files=(MAKE, TINY_MODELS))
 
 
 @pytest.fixture(scope="session")

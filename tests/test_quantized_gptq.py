@@ -26,7 +26,7 @@ import pytest
 from halfsafe.cli import main
 from tests.support.envs import side_python
 from tests.support.models import SHORT_HELDOUT, SHORT_PROMPTS, save_tiny_model
-from tests.support.products import cached_copy, fixed_product, fp32_greedy, quantized_demo, sha_tree
+from tests.support.products import TINY_MODELS, cached_copy, fixed_product, fp32_greedy, quantized_demo, sha_tree
 from tests.test_quantized import VLLM_TOKENS, check_config, check_rescaled, identical_share, tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def tiny_gptq(tiny_gptq_dense) -> Path:
     options = ("--group-size", "32", "--dtype", "bfloat16")
     return cached_copy("tiny-gptq", lambda target: make_gptq(tiny_gptq_dense, target, *options),
                        tiny_gptq_dense.parent / "gptq", inputs={"model": "gemma3_text", "plant": "residual",
-                                                                "options": options}, files=(MAKE,))
+                                                                "options": options}, files=(MAKE, TINY_MODELS))
 
 
 @pytest.fixture(scope="session")

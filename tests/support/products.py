@@ -19,6 +19,7 @@ from tests.support.cache import ROOT, build_once, json_once, product_id
 
 SERVER_PROMPT = "Water boils at"  # the one prompt tests/test_vllm.py asks vLLM's server
 LOADING = ROOT / "src" / "halfsafe" / "model" / "loading.py"  # how the dense demo is made
+TINY_MODELS = ROOT / "tests" / "support" / "models.py"  # how the tiny planted models are made
 
 
 def cached_copy(name: str, build: Callable[[Path], object], into: Path, *, inputs: dict,
