@@ -37,9 +37,9 @@ from tests.support.planted import BOS, plant_massive_activation, tiny_model  # n
 from common import machine  # noqa: E402
 from halfsafe.diagnosing import FiniteWatch  # noqa: E402
 from halfsafe.fixing.bounded import outside_bound  # noqa: E402
-from halfsafe.fixing.observe import find_decoder_layers  # noqa: E402
 from halfsafe.fixing.plan import power_of_two_scale  # noqa: E402
 from halfsafe.model.hooks import HookSet  # noqa: E402
+from halfsafe.model.layers import find_decoder_layers  # noqa: E402
 from halfsafe.roles import EXACT_BOUND, apply_roles, derive_roles, exactness_gate  # noqa: E402
 from halfsafe.roles.bounded import apply_as_exported, bounded_possible, reload_gate  # noqa: E402
 

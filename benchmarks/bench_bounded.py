@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-from halfsafe.fixing.observe import encode  # noqa: E402
 from halfsafe.model.hooks import HookSet  # noqa: E402
+from halfsafe.model.layers import encode  # noqa: E402
 from halfsafe.model.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.roles import derive_roles, use_roles  # noqa: E402

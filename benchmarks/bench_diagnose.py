@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import PeakRSS, machine, model_bytes  # noqa: E402
 from halfsafe.cli.session import quiet_transformers  # noqa: E402
 from halfsafe.diagnosing import diagnose  # noqa: E402
-from halfsafe.fixing.observe import encode, last_logits_only  # noqa: E402
+from halfsafe.model.layers import encode, last_logits_only  # noqa: E402
 from halfsafe.model.loading import load_model  # noqa: E402
 from halfsafe.prompts import bundled_prompts  # noqa: E402
 from halfsafe.timing import now  # noqa: E402

@@ -22,9 +22,9 @@ from common import PeakRSS, machine, model_bytes  # noqa: E402
 from halfsafe.cli.session import quiet_transformers  # noqa: E402
 from halfsafe.comparing import build_variants  # noqa: E402
 from halfsafe.fixing.fix import fix  # noqa: E402
-from halfsafe.fixing.observe import encode  # noqa: E402
 from halfsafe.fixing.plan import PLANNING_MARGIN  # noqa: E402
 from halfsafe.fixing.verify import measure_fidelity  # noqa: E402
+from halfsafe.model.layers import encode  # noqa: E402
 from halfsafe.model.loading import load_model  # noqa: E402
 from halfsafe.prompts import HELDOUT, bundled_prompts  # noqa: E402
 from halfsafe.timing import now  # noqa: E402

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: te
 from tests.support.models import PAD, NanFault, build_tiny_model, byte_tokenizer  # noqa: E402
 
 from common import machine, rss_bytes  # noqa: E402
-from halfsafe.fixing.observe import find_decoder_layers  # noqa: E402
 from halfsafe.guarding import NONFINITE, RECOVERED, guard  # noqa: E402
+from halfsafe.model.layers import find_decoder_layers  # noqa: E402
 
 NEW_TOKENS = 32
 SAMPLE_EVERY = 2

@@ -13,7 +13,7 @@ import torch
 from halfsafe.errors import HalfsafeError
 from halfsafe.fixing.bounded import KL_SHARE, MAX_SHARE, outside_bound
 from halfsafe.fixing.fix import VerificationFailed, fix
-from halfsafe.fixing.observe import find_decoder_layers
+from halfsafe.model.layers import find_decoder_layers
 from halfsafe.roles import derive_roles, exactness_gate
 from halfsafe.roles.bounded import conflicting_fields, distance, export_settings, reload_gate, running_as_exported
 from halfsafe.vllm.plugin import verified_for_float16

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from halfsafe.fixing.fix import fix
-from halfsafe.fixing.observe import encode
+from halfsafe.model.layers import encode
 from halfsafe.model.precision import cast_temporarily
 from tests.support.models import SHORT_PROMPTS, VOCAB, byte_tokenizer, plant_massive_activation
 from tests.support.planted import tiny_model

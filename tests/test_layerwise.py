@@ -348,7 +348,7 @@ def _layerwise_and_in_memory(source: Path, tmp_path: Path) -> tuple[dict, dict]:
 
 
 def _planted_source(model_type: str, directory: Path, **save) -> Path:
-    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.model.layers import find_decoder_layers
     from halfsafe.roles import derive_roles
     from tests.support.models import VOCAB, byte_tokenizer
     from tests.support.planted import plant_massive_activation, tiny_model

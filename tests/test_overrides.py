@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from halfsafe.errors import HalfsafeError
-from halfsafe.fixing.observe import find_decoder_layers
+from halfsafe.model.layers import find_decoder_layers
 from halfsafe.model.overrides import extra_overrides, overrides, parse, resolve
 from halfsafe.roles import apply_roles, derive_roles, exactness_gate
 from halfsafe.roles.provenance import eps_fields

@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
-from halfsafe.fixing.observe import find_decoder_layers
 from halfsafe.fixing.plan import Plan, power_of_two_scale
+from halfsafe.model.layers import find_decoder_layers
 from halfsafe.roles import EXACT_BOUND, Roles, apply_roles, derive_roles, eps_settings, exactness_gate
 from tests.handwritten import architecture_of, norm_eps_settings, scale_factors
 from tests.support.models import ARCHITECTURES, build_tiny_model

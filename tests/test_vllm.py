@@ -236,7 +236,7 @@ def bounded_export(tmp_path: Path, model_type: str, **sizes) -> Path:
     `halfsafe fix --out tmp_path/fixed` as bounded (exact: false, its bound passed); returns the file
     of the held-out prompts' token ids."""
     from halfsafe.cli import main
-    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.model.layers import find_decoder_layers
     from halfsafe.roles import derive_roles
     from tests.support.models import SHORT_HELDOUT, SHORT_PROMPTS, VOCAB, byte_tokenizer
     from tests.support.planted import plant_massive_activation, tiny_model

@@ -24,12 +24,10 @@ from .fixing.observe import (
     EMBEDDING,
     RESIDUAL,
     SiteStat,
-    encode,
-    find_decoder_layers,
-    last_logits_only,
     observe,
 )
 from .model.hooks import HookSet
+from .model.layers import encode, find_decoder_layers, last_logits_only
 from .model.precision import cast_temporarily
 from .prompts import check_prompt_lengths
 

@@ -211,7 +211,7 @@ def _plant_interior(model) -> None:
 
 
 def _layers(model):
-    from halfsafe.fixing.observe import find_decoder_layers
+    from halfsafe.model.layers import find_decoder_layers
 
     return find_decoder_layers(model)[1]
 
@@ -255,8 +255,8 @@ class NanFault:
     counted and faulted. Removed on leaving the `with` block."""
 
     def __init__(self, model, step: int, rows: list[int] | None = None, layer: int = 2, thread: int | None = None):
-        from halfsafe.fixing.observe import find_decoder_layers
         from halfsafe.model.hooks import HookSet
+        from halfsafe.model.layers import find_decoder_layers
 
         self.step, self.rows, self.calls, self.thread = step, rows, 0, thread
         self.hooks = HookSet()

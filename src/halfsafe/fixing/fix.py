@@ -12,6 +12,7 @@ from torch import nn
 from ..dtypes import parse_dtype
 from ..errors import HalfsafeError
 from ..formats import DENSE
+from ..model.layers import encode
 from ..model.precision import cast_temporarily
 from ..prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_lengths
 from ..roles import derive_roles, exactness_gate, output_exponents
@@ -20,7 +21,7 @@ from .apply import put_weights, use_fix
 from .bounded import AS_EXPORTED, ROUNDING
 from .gate import BF16_TARGET_SLACK, FixReport, VerificationFailed, gate  # noqa: F401 (public here)
 from .keep_fp32 import KeepPlan, apply_keep_fp32, use_keep_fp32
-from .observe import SiteStat, encode, observe
+from .observe import SiteStat, observe
 from .pipeline import GATE_TOKENS, STRATEGIES, Fix, Rescaling, check_strategy, finalise, run  # noqa: F401
 from .plan import PLANNING_MARGIN
 from .verify import measure_fidelity

@@ -24,7 +24,8 @@ from torch import nn
 from ..dtypes import dtype_max, dtype_name, format_bytes
 from ..errors import HalfsafeError
 from ..model.hooks import HookSet
-from .observe import ATTN_LOGITS, RESIDUAL, SiteStat, find_decoder_layers
+from ..model.layers import find_decoder_layers
+from .observe import ATTN_LOGITS, RESIDUAL, SiteStat
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .observe import encode
+from ..model.layers import encode
 
 # A variant is a factory of context managers: entering one yields the model to run (the
 # reference model changed in place, or another model), exiting restores the reference.

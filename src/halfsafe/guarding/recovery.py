@@ -11,13 +11,13 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ..model.layers import last_logits_only
 from .report import RECOVERED, UNRECOVERED, GuardEvent
 
 
 def rerun(model: nn.Module, call, sequence, mask, rows, dtype=None, use_cache=False):
     """Run `rows` of the whole sequence again, without a cache, optionally computing in `dtype`.
     sequence: [B, L] -> the model's output for [R, L], last position's logits only."""
-    from ..fixing.observe import last_logits_only
     from ..model.precision import compute_in
 
     index = torch.tensor(rows, device=sequence.device)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import HalfsafeError
-from ..fixing.observe import find_decoder_layers, last_logits_only
+from ..model.layers import find_decoder_layers, last_logits_only
 from .checkpoint import Checkpoint, Layout
 
 # Units besides the layers: everything outside them (what the export writes), and its two

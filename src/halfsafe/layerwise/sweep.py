@@ -14,6 +14,7 @@ import torch
 
 from ..errors import HalfsafeError
 from ..fixing.observe import ActivationRecorder, SiteStat
+from ..model.layers import encode
 from .skeleton import FINAL, INPUT, LayerwiseModel
 
 _STATE = "observe-state.pt"
@@ -106,7 +107,6 @@ def observe_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], *, stat
     With `state_dir`, the hidden states and statistics are saved after every layer, and a run
     that finds a state from the same prompts continues after its last layer.
     """
-    from ..fixing.observe import encode
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
     digest = _digest(prompts)
@@ -139,7 +139,6 @@ def verify_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], scales: 
                      dtype: torch.dtype, *, progress=None) -> dict:
     """`fix`'s verification, one layer at a time: the fixed model and bfloat16 against fp32, by the
     same per-position metrics (teacher-forced; greedy decoding needs the whole model)."""
-    from ..fixing.observe import encode
     from ..fixing.verify import position_metrics, summarise
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
@@ -169,7 +168,6 @@ def confirm_layerwise(lm: LayerwiseModel, tokenizer, prompts: list[str], dtype: 
     """Run the prompts with the weights cast to `dtype`, layer by layer: how many prompts went
     non-finite, and the first module (earliest layer, over all prompts) whose output did."""
     from ..diagnosing import Confirmation, FiniteWatch
-    from ..fixing.observe import encode
 
     batches = [encode(tokenizer, p, lm.device) for p in prompts]
     sweep = _Sweep(lm, batches, {"cast": cast_variant(lm, dtype)})

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import HalfsafeError
 from .hooks import HookSet
+from .layers import find_decoder_layers
 
 
 @contextmanager
@@ -68,7 +69,6 @@ def clamp_residual(model: nn.Module, bound: float = 64_504.0, readers: list[str]
     the same tensor, is clamped too) and on every layer's output. The readers are the model's
     derived scale-invariant ones (`stream_readers`; pass `readers` to derive them once).
     """
-    from ..fixing.observe import find_decoder_layers
 
     readers = stream_readers(model) if readers is None else readers
 

@@ -31,6 +31,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from ..model.layers import find_decoder_layers
 from .probing import depends_on, probe_invariance
 from .provenance import eps_fields
 from .roles import Roles
@@ -52,7 +53,6 @@ from .walking import (
 def derive_roles(model: nn.Module, input_ids: torch.Tensor | None = None) -> Roles:
     """The roles of `model` (fp32, unchanged) from forward passes on `input_ids` ([B, T];
     default: 16 distinct low token ids): one, or two when something leads into the first layer."""
-    from ..fixing.observe import find_decoder_layers
 
     layers_path, layers = find_decoder_layers(model)
     if input_ids is None:
