@@ -81,7 +81,7 @@ def _room(model, reserve: int, what: str) -> int | None:
 
 
 def _length(tokenizer, text: str) -> int:
-    return len(tokenizer(text)["input_ids"])  # as `fixing.observe.encode` tokenizes: with BOS where the model wants it
+    return len(tokenizer(text)["input_ids"])  # as `model.layers.encode` tokenizes: with BOS where the model wants it
 
 
 def check_prompt_lengths(model, tokenizer, prompts: list[str], *, reserve: int = 0, what: str = "prompts") -> None:
