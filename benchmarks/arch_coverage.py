@@ -10,7 +10,7 @@ residual channel, written by a first-layer writer's row, past float16's 65,504),
 - exported: the fixed model saved (save_pretrained, fp32) and reloaded by plain transformers
   (from_pretrained, in fp32 and in float16): "exact" when the reloaded fp32 logits are the
   original's (within the gate's bound), "bounded" when its roles are exact in memory only and
-  the reloaded model is within `fixing.bounded`'s bound (each eps as its config field reloads
+  the reloaded model is within `fixing.bound_gate`'s bound (each eps as its config field reloads
   it, the field stored the way `roles.bounded.reload_gate` measured closer), else "no".
 A type is *covered* when the gate passes, float16 is finite after, and its KL is below bf16's.
 
@@ -36,7 +36,7 @@ from tests.support.planted import BOS, plant_massive_activation, tiny_model  # n
 
 from common import machine  # noqa: E402
 from halfsafe.diagnosing import FiniteWatch  # noqa: E402
-from halfsafe.fixing.bounded import outside_bound  # noqa: E402
+from halfsafe.fixing.bound_gate import outside_bound  # noqa: E402
 from halfsafe.fixing.plan import power_of_two_scale  # noqa: E402
 from halfsafe.model.hooks import HookSet  # noqa: E402
 from halfsafe.model.layers import find_decoder_layers  # noqa: E402
@@ -318,7 +318,7 @@ def render(rows: list[dict], header: str) -> str:
         "gate's bound) and float16 is finite. *bounded (r, KL)*: the roles are exact in memory only; the checkpoint "
         "stores each eps field the way measured closer to the original (`roles/bounded.py`) and its reload, in "
         "fp32, moved the largest logit change to r of the largest logit, at mean KL KL; exported because that is "
-        "within `fixing/bounded.py`'s bound: mean KL at most 0.1 x, and max |delta logit| at most 1 x, those of "
+        "within `fixing/bound_gate.py`'s bound: mean KL at most 0.1 x, and max |delta logit| at most 1 x, those of "
         "the exact fix's float16 rounding on the same prompts. *no*: the reason follows in the reason column. "
         "`stored`: the eps fields stored x s^2 (`none`: every field as it was).",
         "",

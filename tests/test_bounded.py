@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from halfsafe.errors import HalfsafeError
-from halfsafe.fixing.bounded import KL_SHARE, MAX_SHARE, outside_bound
+from halfsafe.fixing.bound_gate import KL_SHARE, MAX_SHARE, outside_bound
 from halfsafe.fixing.fix import VerificationFailed, fix
 from halfsafe.model.layers import find_decoder_layers
 from halfsafe.roles import derive_roles, exactness_gate

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..diagnosing import Diagnosis
-from ..fixing.bounded import describe_bounded
+from ..fixing.bound_gate import describe_bounded
 from ..fixing.observe import ATTN_LOGITS
 
 RISKIEST = 10

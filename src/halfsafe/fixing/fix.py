@@ -18,7 +18,7 @@ from ..prompts import CALIBRATION, HELDOUT, bundled_prompts, check_prompt_length
 from ..roles import derive_roles, exactness_gate, output_exponents
 from ..timing import now
 from .apply import put_weights, use_fix
-from .bounded import AS_EXPORTED, ROUNDING
+from .bound_gate import AS_EXPORTED, ROUNDING
 from .gate import BF16_TARGET_SLACK, FixReport, VerificationFailed, gate  # noqa: F401 (public here)
 from .keep_fp32 import KeepPlan, apply_keep_fp32, use_keep_fp32
 from .observe import SiteStat, observe
@@ -52,7 +52,7 @@ class InMemory:
     def reload_gate(self, fix: Rescaling, prompts: list[str], dtype: torch.dtype):
         """The model as a bounded export will reload it, in fp32, both ways of storing each
         conflicting eps field (`roles.bounded.reload_gate`); the exact fix is run in `dtype` on
-        the same prompts too: float16's rounding error, for the bound (`bounded.check_bounded`)."""
+        the same prompts too: float16's rounding error, for the bound (`bound_gate.check_bounded`)."""
         from ..roles.bounded import distance, reload_gate
 
         ids = [self._ids(p) for p in prompts]

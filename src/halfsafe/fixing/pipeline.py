@@ -21,9 +21,9 @@ the demo, `generate --dtype auto`) runs `run` below; the stages, in order:
    bounded  (an export of roles exact in memory only) after planning, the model as it will be
             reloaded (each eps as its config field gives it) is run in fp32 both ways of storing
             a conflicting field (`roles.bounded.reload_gate`); verification runs that model, in
-            the target dtype and in fp32 (`bounded.AS_EXPORTED`).
+            the target dtype and in fp32 (`bound_gate.AS_EXPORTED`).
 6. gate     all finite and mean KL <= the bound (`gate.gate`); a bounded export also within
-            `bounded.check_bounded`'s bounds; else VerificationFailed.
+            `bound_gate.check_bounded`'s bounds; else VerificationFailed.
 7. commit   the backend puts the fix in: in memory (weights swapped) or on disk (shards
             written one unit at a time); then `finalise`: eps x s^2, the attention kernel the
             plan needs, config.dtype and the config's `halfsafe` block.
@@ -44,7 +44,7 @@ from ..dtypes import dtype_name
 from ..errors import HalfsafeError
 from ..roles import GateResult, Roles, applying_scales, eps_settings
 from ..roles.bounded import ReloadResult, bounded_possible, export_settings
-from .bounded import bounded_summary, check_bounded
+from .bound_gate import bounded_summary, check_bounded
 from .gate import FixReport, VerificationFailed, gate
 from .keep_fp32 import KeepPlan, plan_keep_fp32
 from .observe import SiteStat

@@ -14,7 +14,7 @@ square it is added to. So each conflicting field is tried both ways (stored x s^
 exact, the kept norms see eps x s^2; stored as it was: the kept norms exact, the readers see
 eps / s^2 relative to their input), the model is run in fp32 exactly as it will be reloaded,
 and the choice closer to the original fp32 logits is kept, with its measured distance
-(`ReloadResult`). Whether that distance is small enough is `fixing.bounded`'s decision.
+(`ReloadResult`). Whether that distance is small enough is `fixing.bound_gate`'s decision.
 """
 
 from __future__ import annotations
