@@ -32,7 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests/support
-from tests.support.planted import BOS, plant_massive_activation, tiny_model  # noqa: E402
+from tests.support.planted import (  # noqa: E402
+    BOS,
+    apply_as_exported,  # noqa: E402
+    plant_massive_activation,
+    tiny_model,
+)
 
 from common import machine  # noqa: E402
 from halfsafe.diagnosing import FiniteWatch  # noqa: E402
@@ -41,7 +46,7 @@ from halfsafe.fixing.plan import power_of_two_scale  # noqa: E402
 from halfsafe.model.hooks import HookSet  # noqa: E402
 from halfsafe.model.layers import find_decoder_layers  # noqa: E402
 from halfsafe.roles import EXACT_BOUND, apply_roles, derive_roles, exactness_gate  # noqa: E402
-from halfsafe.roles.bounded import apply_as_exported, bounded_possible, reload_gate  # noqa: E402
+from halfsafe.roles.bounded import bounded_possible, reload_gate  # noqa: E402
 
 FP16_MAX = 65504.0
 MARGIN = 4.0

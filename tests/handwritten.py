@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from halfsafe.errors import HalfsafeError
-from halfsafe.fixing.apply import _Scale, is_tied
+from halfsafe.fixing.apply import _Scale
 from halfsafe.fixing.plan import Plan, SiteRoles
+from tests.support.models import is_tied
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def test_bounded_checkpoints_reload_in_plain_transformers_with_the_eps_and_delta
     """Each type saved as a bounded export would be (fp32 weights, so only the eps differ), then
     reloaded in a process without halfsafe: every eps is what the gate ran with, float16 is
     finite, and the reloaded fp32 logits move by the delta the gate recorded."""
-    from halfsafe.roles.bounded import apply_as_exported
+    from tests.support.planted import apply_as_exported
 
     s, ids, recorded, expected = 2.0**-3, ids_of(SHORT_PROMPTS[:2]), {}, {}
     for model_type in RELOADED:

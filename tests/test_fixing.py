@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-from halfsafe.fixing.apply import is_tied, scaled_weights, use_fix
+from halfsafe.fixing.apply import scaled_weights, use_fix
 from halfsafe.fixing.fix import VerificationFailed, fix
 from halfsafe.fixing.observe import observe
 from halfsafe.fixing.plan import make_plan
 from halfsafe.model.precision import cast_temporarily
 from tests.handwritten import ARCHITECTURES as REGISTRY
 from tests.handwritten import architecture_of, norm_eps_settings, scale_factors, site_roles
-from tests.support.models import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+from tests.support.models import ARCHITECTURES, SHORT_HELDOUT, SHORT_PROMPTS, build_tiny_model, byte_tokenizer, is_tied
 
 TOKENIZER = byte_tokenizer()
 SHORT = dict(calibration=SHORT_PROMPTS, heldout=SHORT_HELDOUT)  # what a tiny model needs; see testing.py

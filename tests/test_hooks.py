@@ -9,8 +9,18 @@ import torch
 from halfsafe.diagnosing import diagnose
 from halfsafe.fixing.fix import fix
 from halfsafe.fixing.observe import ActivationRecorder
-from halfsafe.model.hooks import HookSet, attention_registry_names
+from halfsafe.model.hooks import HookSet
 from tests.support.models import BOS, SHORT_PROMPTS, build_tiny_model, byte_tokenizer
+
+
+def attention_registry_names(prefix: str = "halfsafe") -> list[str]:
+    """The names in transformers' global attention registries that start with `prefix` (what the
+    tests check nothing was left behind in)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return sorted(name for registry in (AttentionInterface, AttentionMaskInterface)
+                  for name in registry._global_mapping if name.startswith(prefix))
 
 TOKENIZER = byte_tokenizer()
 

@@ -277,3 +277,10 @@ class NanFault:
 
     def __exit__(self, *exc):
         self.hooks.remove()
+
+
+def is_tied(model) -> bool:
+    """Whether the output embedding is the input embedding (the handwritten roles undo the
+    embedding's factor in the final norm then)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight

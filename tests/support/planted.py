@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from halfsafe.model.hooks import HookSet
+from halfsafe.roles import Roles
+from halfsafe.roles.bounded import export_settings
+from halfsafe.roles.gate import apply_roles
 from halfsafe.shrinking import shrink_config
 
 BOS = 1
@@ -93,3 +96,9 @@ def _scale_row(model: nn.Module, probe: nn.Module, param: torch.Tensor, offset: 
                     break
                 param[CHANNEL] = (param[CHANNEL] + offset) * factor - offset
     return max(seen) if seen else 0.0
+
+
+def apply_as_exported(model: nn.Module, roles: Roles, s: float, scaled_fields, interior=None) -> nn.Module:
+    """Rescale `model` (fp32) in place by s, every eps set as a checkpoint stored with
+    `scaled_fields` x s^2 will reload it: what `benchmarks/arch_coverage.py` saves and reloads."""
+    return apply_roles(model, roles, s, interior, settings=export_settings(model, roles, s, scaled_fields))

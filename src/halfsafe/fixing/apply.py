@@ -34,11 +34,6 @@ from .plan import Plan
 _Scale = Scale
 
 
-def is_tied(model: nn.Module) -> bool:
-    output = model.get_output_embeddings()
-    return output is not None and output.weight is model.get_input_embeddings().weight
-
-
 def scaled_weights(model: nn.Module, scales: dict[str, Scale], dtype: torch.dtype, *,
                    only: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Every floating parameter of `model` (or those named in `only`), scaled by `scales`

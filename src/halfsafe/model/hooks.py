@@ -82,13 +82,3 @@ class HookSet:
                 error = error or exc
         if error is not None:
             raise error
-
-
-def attention_registry_names(prefix: str = "halfsafe") -> list[str]:
-    """The names in transformers' global attention registries that start with `prefix` (for tests
-    and for checking that nothing was left behind)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    return sorted(name for registry in (AttentionInterface, AttentionMaskInterface)
-                  for name in registry._global_mapping if name.startswith(prefix))

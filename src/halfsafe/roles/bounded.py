@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import HalfsafeError
-from .gate import apply_roles, scaled_parameters, swapped
+from .gate import scaled_parameters, swapped
 from .provenance import text_config
 from .roles import Roles
 
@@ -152,9 +152,3 @@ def distance(scaled: list[str], reference: list[torch.Tensor], exported: list[to
         kls.append((logp.exp() * (logp - logq)).sum(-1).flatten())  # [T]
     kl = torch.cat(kls).clamp_min(0.0)
     return Candidate(scaled, max_delta, max_delta / (top or 1.0), kl.mean().item(), kl.max().item())
-
-
-def apply_as_exported(model: nn.Module, roles: Roles, s: float, scaled_fields, interior=None) -> nn.Module:
-    """Rescale `model` (fp32) in place by s, every eps set as a checkpoint stored with
-    `scaled_fields` x s^2 will reload it: what `benchmarks/arch_coverage.py` saves and reloads."""
-    return apply_roles(model, roles, s, interior, settings=export_settings(model, roles, s, scaled_fields))
